@@ -1,0 +1,260 @@
+"""Scion and ScionLight (Pethick et al. 2025), single-process form.
+
+Per parameter group (SPEC 1.1), with ``m`` the group's ``momentum`` in Scion's convention
+(``m = 1 − β``; ``m = 1`` means no momentum):
+
+    d ← (1 − m)·d + m·g                       (state ``exp_avg``, starts at 0, no bias correction)
+    u = lmo(d)            or lmo((1 − m)·d + m·g) with Nesterov
+    p ← (1 − lr·wd)·p − lr·ρ·u                (ρ = ``scale``; wd = 1 is Scion's constrained form)
+
+The LMO is the group's ``norm`` (see :mod:`disco_ds.norms`). Same-shape matrices of a group are
+orthogonalised in one batched call. The step runs once per ``optimizer.step()``, i.e. after
+gradient accumulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from disco_ds.norms import NORMS, Norm, lmo_many, make_norm
+
+__all__ = ["Scion", "ScionLight", "SCION_GROUP_DEFAULTS"]
+
+SCION_GROUP_DEFAULTS: dict[str, Any] = {
+    "norm": "spectral",
+    "scale": 1.0,
+    "momentum": 0.1,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "ns_steps": 5,
+    "ns_method": "quintic",
+}
+"""Defaults for a group's keys (``lr`` has none: every group must get one)."""
+
+
+def _param_shape(p: torch.Tensor) -> tuple[int, ...]:
+    # Under DeepSpeed ZeRO-3 (zero.Init) p.shape is a flat placeholder; ds_shape is the real one.
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def _group_label(index: int, group: dict[str, Any]) -> str:
+    label = f"param group {index}"
+    for key in ("name", "role"):
+        if key in group:
+            return f"{label} ({key}={group[key]!r})"
+    return label
+
+
+class Scion(torch.optim.Optimizer):
+    """Scion: momentum followed by a per-group linear minimisation oracle.
+
+    Args:
+        params: parameters or param groups (e.g. the output of
+            :func:`disco_ds.scion_param_groups`). Group keys: ``lr``, ``norm``, ``scale`` (ρ),
+            ``momentum`` (m ∈ (0, 1]), ``nesterov``, ``weight_decay`` (0 unconstrained, 1
+            constrained), ``ns_steps``, ``ns_method``; any other key (``role``, ``param_names``)
+            is carried along untouched.
+        lr: default learning rate; may be omitted when every group carries its own.
+        norm, scale, momentum, nesterov, weight_decay, ns_steps, ns_method: defaults for groups
+            that do not set them (see ``SCION_GROUP_DEFAULTS``).
+
+    Raises:
+        ValueError: on a bad group value, naming the group and the accepted values.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | None = None,
+        *,
+        norm: str = SCION_GROUP_DEFAULTS["norm"],
+        scale: float = SCION_GROUP_DEFAULTS["scale"],
+        momentum: float = SCION_GROUP_DEFAULTS["momentum"],
+        nesterov: bool = SCION_GROUP_DEFAULTS["nesterov"],
+        weight_decay: float = SCION_GROUP_DEFAULTS["weight_decay"],
+        ns_steps: int = SCION_GROUP_DEFAULTS["ns_steps"],
+        ns_method: str = SCION_GROUP_DEFAULTS["ns_method"],
+    ) -> None:
+        defaults: dict[str, Any] = dict(
+            norm=norm,
+            scale=scale,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            ns_method=ns_method,
+        )
+        if lr is not None:
+            defaults["lr"] = lr
+        self._norm_cache: dict[tuple[str, int, str], Norm] = {}
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- validation
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after checking every Scion key (see the class docstring)."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        self._validate_group(index, self.param_groups[index])
+
+    def _validate_group(self, index: int, group: dict[str, Any]) -> None:
+        label = _group_label(index, group)
+        if "lr" not in group:
+            raise ValueError(f"{label} has no 'lr' and Scion got no default lr: pass lr=... or set it per group")
+        if not isinstance(group["lr"], (int, float, torch.Tensor)) or float(group["lr"]) < 0:
+            raise ValueError(f"{label}: lr must be a number ≥ 0, got {group['lr']!r}")
+        if group["norm"] not in NORMS:
+            raise ValueError(f"{label}: unknown norm {group['norm']!r}; accepted values: {sorted(NORMS)}")
+        m = group["momentum"]
+        if not isinstance(m, (int, float)) or not 0.0 < float(m) <= 1.0:
+            raise ValueError(
+                f"{label}: momentum must be in (0, 1] (Scion's convention m = 1 − β: 0.1 ≈ β 0.9, "
+                f"1 = no momentum), got {m!r}"
+            )
+        if float(group["weight_decay"]) < 0:
+            raise ValueError(f"{label}: weight_decay must be ≥ 0 (0 unconstrained, 1 constrained), got {group['weight_decay']!r}")
+        if float(group["scale"]) <= 0:
+            raise ValueError(f"{label}: scale (radius ρ) must be > 0, got {group['scale']!r}")
+        norm = self.norm_of(group)
+        for p in group["params"]:
+            shape = _param_shape(p)
+            if len(shape) < norm.min_ndim:
+                raise ValueError(
+                    f"{label}: norm {group['norm']!r} needs parameters with ≥ {norm.min_ndim} dims, got shape "
+                    f"{shape}; accepted values for {len(shape)}-D parameters: "
+                    f"{sorted(n for n, c in NORMS.items() if c.min_ndim <= len(shape))}"
+                )
+
+    def norm_of(self, group: dict[str, Any]) -> Norm:
+        """The geometry object of a group (cached; rebuilt if the group's norm keys change)."""
+        key = (group["norm"], int(group["ns_steps"]), group["ns_method"])
+        if key not in self._norm_cache:
+            self._norm_cache[key] = make_norm(key[0], ns_steps=key[1], ns_method=key[2])
+        return self._norm_cache[key]
+
+    # ---------------------------------------------------------------- the update
+
+    def _direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Momentum update of SPEC 1.1; returns what the LMO is applied to."""
+        g = p.grad
+        m = float(group["momentum"])
+        if m == 1.0:
+            return g
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        d = state["exp_avg"]
+        d.mul_(1.0 - m).add_(g, alpha=m)
+        if group["nesterov"]:
+            return d.mul(1.0 - m).add_(g, alpha=m)
+        return d
+
+    def _after_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Hook for subclasses, called once per parameter after its update."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One Scion step over every group; parameters without a gradient are skipped."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            directions = [self._direction(p, group) for p in params]
+            updates = lmo_many(self.norm_of(group), directions)
+            lr = float(group["lr"])
+            decay = 1.0 - lr * float(group["weight_decay"])
+            step_size = lr * float(group["scale"])
+            for p, u in zip(params, updates):
+                if decay != 1.0:
+                    p.mul_(decay)
+                p.add_(u.to(p.dtype), alpha=-step_size)
+                self._after_update(p, group)
+        return loss
+
+    # ---------------------------------------------------------------- initialisation
+
+    @staticmethod
+    @torch.no_grad()
+    def init_(model_or_groups: nn.Module | Iterable[dict[str, Any]] | "Scion") -> None:
+        """Initialise every parameter on its group's norm ball, times the group's ``scale``.
+
+        Accepts a model (classified with :func:`disco_ds.scion_param_groups`), a list of param
+        groups, or a Scion optimizer (its own groups).
+        """
+        if isinstance(model_or_groups, nn.Module):
+            from disco_ds.param_groups import scion_param_groups
+
+            groups: Iterable[dict[str, Any]] = scion_param_groups(model_or_groups, lr=0.0)
+        elif isinstance(model_or_groups, torch.optim.Optimizer):
+            groups = model_or_groups.param_groups
+        else:
+            groups = model_or_groups
+        for group in groups:
+            norm = make_norm(group.get("norm", SCION_GROUP_DEFAULTS["norm"]))
+            scale = float(group.get("scale", SCION_GROUP_DEFAULTS["scale"]))
+            for p in group["params"]:
+                norm.init_(p)
+                if scale != 1.0:
+                    p.mul_(scale)
+
+
+class ScionLight(Scion):
+    """Scion without a momentum buffer: the momentum lives in ``p.grad``.
+
+    After each update it sets ``p.grad ← (1 − m)·p.grad``, so the next backward adds the new
+    gradient on top: ``p.grad = Σ_k (1 − m)^k g_{t−k} = d_t / m``, the same direction as Scion's
+    ``exp_avg`` because every LMO is scale-invariant. It saves one parameter-sized buffer.
+
+    Rules for the training loop:
+
+    * Never zero the gradients: :meth:`zero_grad` is a no-op here, so a loop (or the Hugging Face
+      Trainer) that calls it keeps working.
+    * Gradient accumulation: the buffer must hold ``(1 − m)·G_prev + mean of the micro-batch
+      gradients``. Loops that divide each micro-batch loss by the number of accumulation steps
+      (DeepSpeed, the Hugging Face Trainer, ``loss / accum``) already do this. A loop that sums
+      unscaled micro-batch losses must multiply ``p.grad`` by ``accum`` before the first
+      micro-batch and divide by ``accum`` after the last.
+    * Checkpoints: ``state_dict()`` stores each ``p.grad`` as state ``grad_state`` and
+      ``load_state_dict()`` puts it back into ``p.grad``, so a resumed run keeps its momentum.
+    * Not for DeepSpeed ZeRO: the engine owns and zeroes the gradient buffers; use :class:`Scion`.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float | None = None, **kwargs: Any) -> None:
+        super().__init__(params, lr, **kwargs)
+        self.register_state_dict_post_hook(ScionLight._save_grads)
+        self.register_load_state_dict_post_hook(ScionLight._restore_grads)
+
+    def _direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        return p.grad
+
+    def _after_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        p.grad.mul_(1.0 - float(group["momentum"]))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Does nothing: the gradient buffer is ScionLight's momentum (see the class docstring)."""
+
+    @staticmethod
+    def _save_grads(optimizer: "ScionLight", state_dict: dict[str, Any]) -> dict[str, Any]:
+        index = 0
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state_dict["state"].setdefault(index, {})["grad_state"] = p.grad.detach().clone()
+                index += 1
+        return state_dict
+
+    @staticmethod
+    def _restore_grads(optimizer: "ScionLight") -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if state and "grad_state" in state:
+                    p.grad = state.pop("grad_state").to(device=p.device, dtype=p.dtype)

@@ -1,0 +1,146 @@
+"""orthogonalize() against the exact SVD oracle on the inputs that break naive implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from disco_ds import orthogonalize
+from disco_ds.newton_schulz import POLAR_EXPRESS_COEFFS, QUINTIC_COEFFS, ns_flops
+
+
+def _ill_conditioned(m: int, n: int, cond: float, gen: torch.Generator) -> torch.Tensor:
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    k = min(m, n)
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), k)
+    return U[:, :k] @ torch.diag(s) @ V[:, :k].T
+
+
+def _cases() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(48, 4, generator=gen) @ torch.randn(4, 80, generator=gen)
+    return {
+        "random_square": torch.randn(64, 64, generator=gen),
+        "wide": torch.randn(32, 96, generator=gen),
+        "tall": torch.randn(96, 32, generator=gen),
+        "ill_conditioned": _ill_conditioned(64, 64, 1e3, gen),
+        "rank_deficient": low_rank,
+        "batched": torch.randn(3, 40, 72, generator=gen),
+        "scaled_tiny": 1e-6 * torch.randn(50, 30, generator=gen),
+    }
+
+
+CASES = _cases()
+
+
+def _exact_polar(G: torch.Tensor) -> torch.Tensor:
+    return orthogonalize(G.float(), method="svd")
+
+
+def _transfer(X: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NS is a matrix function: X = U·p(Σ)·Vᵀ for G = U·Σ·Vᵀ. Returns (σ_i / ‖G‖_F, p(σ_i))."""
+    U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    p = torch.diagonal(U.mT @ X.float() @ Vh.mT, dim1=-2, dim2=-1)
+    return S / torch.linalg.matrix_norm(G.float(), keepdim=False).unsqueeze(-1), p
+
+
+# After 5 quintic steps every singular value above ~2e-3·‖G‖_F lands in the band (the slope at 0
+# is a = 3.4445, and 3.4445⁵ ≈ 485); smaller ones are still on their way up, never above it.
+QUINTIC_RELATIVE_FLOOR = 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_quintic_singular_values_in_band(case: str, dtype: torch.dtype) -> None:
+    G = CASES[case].to(dtype)
+    X = orthogonalize(G)
+    assert X.shape == G.shape and X.dtype == dtype
+    assert torch.isfinite(X).all()
+    # The quintic maps [0, 1] into [0, ~1.2]: nothing, not even amplified bf16 noise, exceeds it.
+    assert torch.linalg.svdvals(X.float()).max() < 1.25
+    rel, p = _transfer(X, G)
+    in_range = rel > QUINTIC_RELATIVE_FLOOR
+    assert in_range.any()
+    band = p[in_range]
+    assert band.min() > 0.65 and band.max() < 1.25, (band.min().item(), band.max().item())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_polar_express_closer_to_polar_factor_than_quintic(case: str, dtype: torch.dtype) -> None:
+    G = CASES[case].to(dtype)
+    U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    # U Vᵀ of the numerical range. Directions below bf16 resolution hold only rounding noise,
+    # which both iterations amplify alike; the comparison is about the polynomial, so it is
+    # measured on G's range.
+    keep = (S > 1e-3 * S.amax(-1, keepdim=True)).to(S.dtype)
+    Ur, Vr = U * keep.unsqueeze(-2), Vh.mT * keep.unsqueeze(-2)
+    exact = Ur @ Vr.mT
+
+    def range_error(X: torch.Tensor) -> torch.Tensor:
+        return (Ur.mT @ (X.float() - exact) @ Vr).norm()
+
+    for steps in (5, 8):
+        err_quintic = range_error(orthogonalize(G, steps, "quintic"))
+        err_pe = range_error(orthogonalize(G, steps, "polar_express"))
+        assert err_pe < err_quintic, (steps, err_pe.item(), err_quintic.item())
+
+
+def test_svd_oracle_is_polar_factor() -> None:
+    G = CASES["random_square"]
+    X = orthogonalize(G, method="svd")
+    torch.testing.assert_close(X @ X.T, torch.eye(64), atol=1e-5, rtol=0)
+    # Polar factor: X·(XᵀG) = G with XᵀG symmetric positive semi-definite.
+    P = X.T @ G
+    torch.testing.assert_close(P, P.T, atol=1e-4, rtol=0)
+    assert torch.linalg.eigvalsh((P + P.T) / 2).min() > -1e-4
+
+
+def test_batched_equals_per_matrix() -> None:
+    G = CASES["batched"]
+    batched = orthogonalize(G)
+    for i in range(G.shape[0]):
+        torch.testing.assert_close(batched[i], orthogonalize(G[i]), atol=0, rtol=0)
+
+
+def test_tall_is_transpose_of_wide() -> None:
+    G = CASES["wide"]
+    torch.testing.assert_close(orthogonalize(G.T), orthogonalize(G).T, atol=0, rtol=0)
+
+
+def test_scale_invariance() -> None:
+    G = CASES["random_square"]
+    torch.testing.assert_close(orthogonalize(1000 * G), orthogonalize(G), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "svd"])
+def test_zero_input_gives_zero_not_nan(method: str) -> None:
+    for shape in [(8, 8), (4, 16), (2, 16, 4)]:
+        X = orthogonalize(torch.zeros(shape), method=method)
+        assert torch.equal(X, torch.zeros(shape))
+
+
+def test_polar_express_beyond_table_repeats_last_triple() -> None:
+    assert len(POLAR_EXPRESS_COEFFS) == 8
+    assert POLAR_EXPRESS_COEFFS[-1] == (1.875, -1.25, 0.375)
+    a, b, c = POLAR_EXPRESS_COEFFS[0]
+    assert a == pytest.approx(8.28721201814563 / 1.01) and c == pytest.approx(17.300387312530933 / 1.01**5)
+    assert QUINTIC_COEFFS == (3.4445, -4.7750, 2.0315)
+    G = CASES["random_square"]
+    X = orthogonalize(G, steps=12, method="polar_express")
+    s = torch.linalg.svdvals(X.float())
+    assert (s - 1).abs().max() < 0.05
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="accepted values"):
+        orthogonalize(torch.randn(4, 4), method="cubic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="matrix"):
+        orthogonalize(torch.randn(4))
+
+
+def test_ns_flops_counts_small_gram() -> None:
+    # m ≤ n after the transpose: 4·m²·n + 2·m³ per step.
+    assert ns_flops(10, 20, 1) == 4 * 100 * 20 + 2 * 1000
+    assert ns_flops(20, 10, 5) == ns_flops(10, 20, 5)
