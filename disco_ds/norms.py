@@ -12,13 +12,14 @@ one geometry with
 A group's ``norm`` key is the class's registered ``name``. Adding a geometry is adding one class
 decorated with ``@register_norm``.
 
-Two families matter to the distributed optimizer, which never needs to read the formulas:
+Three families matter to the distributed optimizer, which never needs to read the formulas:
 
 * :class:`MatrixNorm` (spectral): the LMO needs the whole matrix; ``lmo`` accepts a batch
   ``[..., m, n]`` of same-shape matrices and runs one batched Newton–Schulz.
 * :class:`SeparableNorm` (token RMS, row, column, vector RMS): ``lmo(g) = g · factor(s)`` where
   ``s`` is the sum of squares of ``g`` along one axis. Sharded callers sum squares over their
   fragments, complete ``s`` with one ``all_reduce`` and call :meth:`SeparableNorm.factor`.
+* :class:`ElementwiseNorm` (sign): each entry's direction depends only on itself and the shape.
 
 All shapes are ``[d_out, d_in]`` (``nn.Linear`` layout; an embedding is ``[vocab, d]``).
 Pure mathematics: no distributed code lives here.
@@ -37,6 +38,7 @@ __all__ = [
     "Norm",
     "MatrixNorm",
     "SeparableNorm",
+    "ElementwiseNorm",
     "Spectral",
     "SpectralMax",
     "SpectralTransposed",
@@ -306,15 +308,26 @@ class VectorRMS(SeparableNorm):
             return w.zero_()
 
 
+class ElementwiseNorm(Norm):
+    """The LMO acts on each entry alone (given the parameter's shape): shards need no communication."""
+
+    def lmo_elements(self, g: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """LMO entries for any subset ``g`` of the entries of a parameter of this ``shape``."""
+        raise NotImplementedError
+
+    def lmo(self, g: torch.Tensor) -> torch.Tensor:
+        return self.lmo_elements(g, g.shape)
+
+
 @register_norm
-class Sign(Norm):
-    """ℓ∞-type geometry: ``lmo = sign(g) / d_in``; elementwise, so it never needs communication."""
+class Sign(ElementwiseNorm):
+    """ℓ∞-type geometry: ``lmo = sign(g) / d_in``."""
 
     name = "sign"
     min_ndim = 1
 
-    def lmo(self, g: torch.Tensor) -> torch.Tensor:
-        return torch.sign(g) / g.shape[-1]
+    def lmo_elements(self, g: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        return torch.sign(g) / shape[-1]
 
     def norm(self, w: torch.Tensor) -> torch.Tensor:
         return w.float().abs().amax() * w.shape[-1]

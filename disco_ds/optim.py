@@ -10,6 +10,11 @@ Per parameter group (SPEC 1.1), with ``m`` the group's ``momentum`` in Scion's c
 The LMO is the group's ``norm`` (see :mod:`disco_ds.norms`). Same-shape matrices of a group are
 orthogonalised in one batched call. The step runs once per ``optimizer.step()``, i.e. after
 gradient accumulation.
+
+The same object runs distributed. Under DeepSpeed ZeRO 1/2/3 the engine hands ``step()`` one flat
+fp32 partition per group; under data parallelism (DDP, ZeRO stage 0) every rank holds every
+parameter. Either way the momentum stays where the gradient is (flat and sharded under ZeRO), and
+:mod:`disco_ds.distributed` orthogonalises every matrix exactly once in the whole job.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from disco_ds.norms import NORMS, Norm, lmo_many, make_norm
+import torch.distributed as dist
+
+from disco_ds.distributed import ExchangeStats, Layout, distributed_lmo, replicated_layout, zero3_layout, zero12_layout
+from disco_ds.norms import NORMS, MatrixNorm, Norm, lmo_many, make_norm
 
 __all__ = ["Scion", "ScionLight", "SCION_GROUP_DEFAULTS"]
 
@@ -78,6 +86,9 @@ class Scion(torch.optim.Optimizer):
         weight_decay: float = SCION_GROUP_DEFAULTS["weight_decay"],
         ns_steps: int = SCION_GROUP_DEFAULTS["ns_steps"],
         ns_method: str = SCION_GROUP_DEFAULTS["ns_method"],
+        process_group: Any = None,
+        comm_dtype: torch.dtype = torch.bfloat16,
+        max_gather_numel: int = 1 << 27,
     ) -> None:
         defaults: dict[str, Any] = dict(
             norm=norm,
@@ -91,6 +102,18 @@ class Scion(torch.optim.Optimizer):
         if lr is not None:
             defaults["lr"] = lr
         self._norm_cache: dict[tuple[str, int, str], Norm] = {}
+        # The parameters of each group as given, before DeepSpeed swaps in flat partitions.
+        self._members: list[list[torch.Tensor]] = []
+        self._names: dict[int, str] = {}
+        self._layouts: dict[Any, Layout] = {}
+        self._replicas_checked = False
+        self.process_group = process_group
+        self.comm_dtype = comm_dtype
+        self.max_gather_numel = max_gather_numel
+        self.stats = ExchangeStats()
+        """Cumulative counters of this rank: matrices orthogonalised, bytes sent, collectives."""
+        self.steps = 0
+        """Number of ``step()`` calls that updated parameters (DeepSpeed may call once per group)."""
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- validation
@@ -99,7 +122,12 @@ class Scion(torch.optim.Optimizer):
         """Add a group after checking every Scion key (see the class docstring)."""
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
-        self._validate_group(index, self.param_groups[index])
+        group = self.param_groups[index]
+        self._validate_group(index, group)
+        group["scion_gid"] = index
+        self._members.append(list(group["params"]))
+        for p, name in zip(group["params"], group.get("param_names", ())):
+            self._names[id(p)] = name
 
     def _validate_group(self, index: int, group: dict[str, Any]) -> None:
         label = _group_label(index, group)
@@ -163,21 +191,124 @@ class Scion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        stepped = False
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = group["params"]
             if not params:
-                continue
-            directions = [self._direction(p, group) for p in params]
-            updates = lmo_many(self.norm_of(group), directions)
-            lr = float(group["lr"])
-            decay = 1.0 - lr * float(group["weight_decay"])
-            step_size = lr * float(group["scale"])
-            for p, u in zip(params, updates):
-                if decay != 1.0:
-                    p.mul_(decay)
-                p.add_(u.to(p.dtype), alpha=-step_size)
-                self._after_update(p, group)
+                continue  # ZeRO-3 empties the groups it is not stepping
+            members = self._members[group["scion_gid"]]
+            if any(p is m for p in params[:1] for m in members):
+                stepped |= self._step_parameters(group, [p for p in params if p.grad is not None])
+            else:
+                stepped |= self._step_flat_partition(group, params, members)
+        self.steps += int(stepped)
         return loss
+
+    def _apply(self, group: dict[str, Any], p: torch.Tensor, u: torch.Tensor) -> None:
+        """``p ← (1 − lr·wd)·p − lr·ρ·u``."""
+        lr = float(group["lr"])
+        decay = 1.0 - lr * float(group["weight_decay"])
+        if decay != 1.0:
+            p.mul_(decay)
+        p.add_(u.to(p.dtype), alpha=-lr * float(group["scale"]))
+        self._after_update(p, group)
+
+    def _data_parallel_group(self) -> Any:
+        if self.process_group is not None:
+            return self.process_group
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+
+    def _step_parameters(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+        """Whole parameters: one process, or data-parallel replicas (DDP, ZeRO stage 0)."""
+        dp_group = self._data_parallel_group()
+        if dp_group is not None:
+            self._check_replicas(dp_group)
+        if not params and dp_group is None:
+            return False
+        directions = [self._direction(p, group) for p in params]
+        norm = self.norm_of(group)
+        if dp_group is None:
+            updates = lmo_many(norm, directions)
+            if isinstance(norm, MatrixNorm):
+                self.stats.matrices_orthogonalized += len(params)
+                for p in params:
+                    self._count(p)
+        else:
+            key = ("replicated", tuple(id(p) for p in params))
+            if key not in self._layouts:
+                self._layouts[key] = replicated_layout(params, dp_group)
+            layout = self._layouts[key]
+            fragments = layout.local()
+            out = distributed_lmo(layout, norm, {f: d.reshape(-1) for f, d in zip(fragments, directions)},
+                                  comm_dtype=self.comm_dtype, max_numel_per_rank=self.max_gather_numel,
+                                  stats=self.stats, member_keys=[self._key(p) for p in params])
+            updates = [out[f].view(p.shape) for f, p in zip(fragments, params)]
+        for p, u in zip(params, updates):
+            self._apply(group, p, u)
+        return bool(params)
+
+    def _step_flat_partition(self, group: dict[str, Any], params: list[torch.Tensor], members: list[torch.Tensor]) -> bool:
+        """A DeepSpeed ZeRO flat partition: momentum on the local slice, LMO through the owners."""
+        if len(params) != 1 or params[0].dim() != 1:
+            raise RuntimeError(
+                f"Scion: param group {group['scion_gid']} holds {len(params)} tensors that are not the parameters it "
+                "was built with and not one flat ZeRO partition; this wrapper is not supported"
+            )
+        flat = params[0]
+        if flat.grad is None:
+            raise RuntimeError(f"Scion: DeepSpeed called step() for param group {group['scion_gid']} without a gradient")
+        layout, sg_members = self._flat_layout(flat, members)
+        d = self._direction(flat, group)
+        directions = {f: d.narrow(0, f.offset, f.numel) for f in layout.local()}
+        out = distributed_lmo(layout, self.norm_of(group), directions, comm_dtype=self.comm_dtype,
+                              max_numel_per_rank=self.max_gather_numel, stats=self.stats,
+                              member_keys=[self._key(p) for p in sg_members])
+        update = torch.zeros_like(flat)
+        for f, u in out.items():
+            update.narrow(0, f.offset, f.numel).copy_(u)
+        self._apply(group, flat, update)
+        return True
+
+    def _flat_layout(self, flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layout, list[torch.Tensor]]:
+        """The (cached) layout of a flat partition; rebuilt when DeepSpeed hands a new tensor."""
+        key = ("flat", id(flat), flat.data_ptr(), flat.numel())
+        if key not in self._layouts:
+            if getattr(members[0], "_z3_optimizer", None) is not None:
+                self._layouts[key] = zero3_layout(flat, members)
+            else:
+                self._layouts[key] = (zero12_layout(members), members)
+        return self._layouts[key]
+
+    def _check_replicas(self, group: Any) -> None:
+        """First step: data-parallel replicas must hold identical gradients, or owners would be wrong."""
+        if self._replicas_checked:
+            return
+        self._replicas_checked = True
+        local = torch.zeros(2, dtype=torch.float64)
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    local[0] += p.grad.double().sum().item()
+                    local[1] += 1
+        low, high = local.clone(), local.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+        if not torch.equal(low, high):
+            raise RuntimeError(
+                "Scion: gradients differ across data-parallel ranks. Scion orthogonalises each matrix on one "
+                "owner rank and shares the update, which assumes replicas with averaged gradients (DDP, "
+                "DeepSpeed). Wrap the model in DistributedDataParallel, or pass process_group= for the group "
+                "whose ranks hold the same parameters."
+            )
+
+    def _key(self, p: torch.Tensor) -> str:
+        return self._names.get(id(p), f"param@{id(p):x}")
+
+    def _count(self, p: torch.Tensor) -> None:
+        key = self._key(p)
+        self.stats.per_member[key] = self.stats.per_member.get(key, 0) + 1
 
     # ---------------------------------------------------------------- initialisation
 

@@ -193,3 +193,33 @@ def test_unknown_norm_and_bad_ns_options() -> None:
         make_norm("spectral", ns_method="cubic")
     with pytest.raises(ValueError, match="ns_steps"):
         make_norm("spectral", ns_steps=0)
+
+
+def test_adding_a_geometry_is_adding_one_class() -> None:
+    from disco_ds import Scion
+    from disco_ds.norms import register_norm
+
+    @register_norm
+    class UnitRows(SeparableNorm):
+        name = "test_unit_rows"
+        axis = "row"
+
+        def factor(self, sum_squares, shape):
+            return 1.0 / (sum_squares.sqrt() + 1e-12)
+
+        def norm(self, w):
+            return w.norm(dim=-1).amax()
+
+        def init_(self, w):
+            with torch.no_grad():
+                return w.copy_(self.lmo(torch.randn_like(w)))
+
+    try:
+        p = torch.nn.Parameter(torch.zeros(6, 4))
+        p.grad = torch.randn(6, 4)
+        Scion([{"params": [p], "lr": 1.0, "norm": "test_unit_rows", "momentum": 1.0}]).step()
+        torch.testing.assert_close(p.detach().norm(dim=1), torch.ones(6))
+        with pytest.raises(ValueError, match="registered twice"):
+            register_norm(UnitRows)
+    finally:
+        NORMS.pop("test_unit_rows")

@@ -1,0 +1,394 @@
+"""Distributed plumbing for Scion: who holds which slice of which parameter, who orthogonalises
+each matrix, and the collectives that move fragments there and back.
+
+No formula of Scion lives here: the mathematics is :mod:`disco_ds.norms`. This module only needs
+to know the three families of geometry:
+
+* matrix norms: every fragment of a matrix goes to one *owner* rank (one ``all_to_all_single``
+  per round), the owner runs the batched LMO once, and a reverse ``all_to_all_single`` returns
+  each holder its slice of the update;
+* separable norms: sums of squares per row / column / tensor are added up over fragments with one
+  ``all_reduce``;
+* elementwise norms: purely local.
+
+A :class:`Layout` describes one closed set of whole parameters ("members") spread over a process
+group: DeepSpeed ZeRO-1/2 and the bf16 optimizer (``_hp_mapping``), ZeRO-3 (``ds_tensor``
+partitions), and replicated data-parallel copies (ZeRO stage 0, DDP), where every rank holds every
+member and updates travel from owners to everybody (an all-gather).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from disco_ds.newton_schulz import ns_flops
+from disco_ds.norms import ElementwiseNorm, MatrixNorm, Norm, SeparableNorm, lmo_many
+
+__all__ = [
+    "Fragment",
+    "Layout",
+    "zero12_layout",
+    "zero3_layout",
+    "replicated_layout",
+    "assign_owners",
+    "plan_rounds",
+    "distributed_lmo",
+    "ExchangeStats",
+]
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """``numel`` entries of member ``member`` (flattened) from ``start``, at ``offset`` in the holder's buffer."""
+
+    member: int
+    start: int
+    numel: int
+    offset: int
+
+
+@dataclass
+class Layout:
+    """Which rank holds which fragments of which whole parameters, over one process group."""
+
+    shapes: list[tuple[int, ...]]
+    fragments: list[list[Fragment]]  # per rank of ``group``, sorted by (member, start)
+    group: Any
+    rank: int
+    replicated: bool = False  # every rank holds every member whole (stage 0 / DDP)
+    _whole: dict[int, list[int]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        held: dict[tuple[int, int], int] = {}
+        for r, frags in enumerate(self.fragments):
+            for f in frags:
+                held[(f.member, r)] = held.get((f.member, r), 0) + f.numel
+        self._whole = {m: [r for r in range(len(self.fragments)) if held.get((m, r), 0) == self.numel(m)]
+                       for m in range(len(self.shapes))}
+
+    @property
+    def world_size(self) -> int:
+        return len(self.fragments)
+
+    def numel(self, member: int) -> int:
+        return _numel(self.shapes[member])
+
+    def local(self) -> list[Fragment]:
+        return self.fragments[self.rank]
+
+    def whole_holders(self, member: int) -> list[int]:
+        """Ranks that hold all of ``member`` locally."""
+        return self._whole[member]
+
+
+def _group_rank_and_size(group: Any) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def zero12_layout(members: list[torch.Tensor]) -> Layout:
+    """Layout of a ZeRO-1/2 (or bf16 optimizer) flat partition from DeepSpeed's ``_hp_mapping``.
+
+    ``members`` are the original parameters of one param group, in group order (the same on every
+    rank). Each rank knows only its own fragment addresses; one ``all_gather_object`` shares them.
+    """
+    group = next((p._dp_group for p in members if getattr(p, "_dp_group", None) is not None), None)
+    rank, world = _group_rank_and_size(group)
+    local = []
+    for i, p in enumerate(members):
+        hp = getattr(p, "_hp_mapping", None)
+        if hp is not None and hp.lp_fragment_address.numel > 0:
+            local.append((i, int(hp.lp_fragment_address.start), int(hp.lp_fragment_address.numel), int(hp.hp_fragment_address.start)))
+    tables: list[Any] = [None] * world
+    if world > 1:
+        dist.all_gather_object(tables, local, group=group)
+    else:
+        tables = [local]
+    shapes = [tuple(int(s) for s in getattr(p, "ds_shape", p.shape)) for p in members]
+    fragments = [sorted((Fragment(*t) for t in table), key=lambda f: (f.member, f.start)) for table in tables]
+    return Layout(shapes=shapes, fragments=fragments, group=group, rank=rank)
+
+
+def zero3_layout(flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layout, list[torch.Tensor]]:
+    """Layout of a ZeRO-3 sub-group's flat fp32 partition, derived without communication.
+
+    ZeRO-3 splits every parameter evenly: rank r holds entries ``[r·pn, min((r+1)·pn, numel))``
+    with ``pn = partition_numel()``, and a sub-group's flat buffer concatenates its members'
+    partitions. Returns the layout and the sub-group's members (in flat order).
+    """
+    z3 = members[0]._z3_optimizer
+    sub_group = next((i for i, t in enumerate(z3.fp32_partitioned_groups_flat) if t is flat), None)
+    if sub_group is None:
+        raise RuntimeError("Scion: the ZeRO-3 flat partition passed to step() is not one of the optimizer's sub-groups")
+    sg_members = list(z3.fp16_groups[sub_group])
+    group = sg_members[0].ds_process_group
+    rank, world = _group_rank_and_size(group)
+    fragments: list[list[Fragment]] = [[] for _ in range(world)]
+    offset = 0
+    for i, p in enumerate(sg_members):
+        pn, numel = int(p.partition_numel()), int(p.ds_numel)
+        for r in range(world):
+            n = max(0, min(pn, numel - r * pn))
+            if n > 0:
+                fragments[r].append(Fragment(i, r * pn, n, offset))
+        offset += pn
+    shapes = [tuple(int(s) for s in p.ds_shape) for p in sg_members]
+    return Layout(shapes=shapes, fragments=fragments, group=group, rank=rank), sg_members
+
+
+def replicated_layout(members: list[torch.Tensor], group: Any = None) -> Layout:
+    """Every rank holds every member whole (data-parallel replicas: ZeRO stage 0, DDP, one process)."""
+    rank, world = _group_rank_and_size(group)
+    shapes = [tuple(p.shape) for p in members]
+    local = [Fragment(i, 0, p.numel(), 0) for i, p in enumerate(members)]
+    return Layout(shapes=shapes, fragments=[list(local) for _ in range(world)], group=group, rank=rank, replicated=True)
+
+
+def matrix_cost(norm: MatrixNorm, shape: tuple[int, ...]) -> int:
+    """Newton–Schulz FLOPs of one matrix: the load-balancing weight of an owner."""
+    rows, cols = norm.to_matrix(torch.empty(shape, device="meta")).shape[-2:]
+    return ns_flops(rows, cols, norm.ns_steps)
+
+
+def assign_owners(layout: Layout, members: list[int], costs: dict[int, int]) -> dict[int, int]:
+    """One owner rank per matrix: locality first, then greedy longest-processing-time.
+
+    A matrix held whole by exactly one rank (ZeRO-1/2: inside one partition) is owned there and
+    moves nowhere. The others go, largest cost first, to the least-loaded rank (ties: lowest
+    rank, then member index), so every rank computes the same table without communication.
+    """
+    load = [0] * layout.world_size
+    owners: dict[int, int] = {}
+    routed = []
+    for m in members:
+        holders = layout.whole_holders(m)
+        if len(holders) == 1:
+            owners[m] = holders[0]
+            load[holders[0]] += costs[m]
+        else:
+            routed.append(m)
+    for m in sorted(routed, key=lambda m: (-costs[m], m)):
+        owner = min(range(layout.world_size), key=lambda r: (load[r], r))
+        owners[m] = owner
+        load[owner] += costs[m]
+    return owners
+
+
+def plan_rounds(layout: Layout, owners: dict[int, int], max_numel_per_rank: int) -> list[list[int]]:
+    """Split the matrices into rounds so no owner holds more than ``max_numel_per_rank`` gathered
+    entries at once (every owner gets at least one matrix per round it appears in)."""
+    rounds: list[list[int]] = []
+    current: list[int] = []
+    held = [0] * layout.world_size
+    for m in sorted(owners, key=lambda m: (-layout.numel(m), m)):
+        o, n = owners[m], layout.numel(m)
+        if current and held[o] > 0 and held[o] + n > max_numel_per_rank:
+            rounds.append(current)
+            current, held = [], [0] * layout.world_size
+        current.append(m)
+        held[o] += n
+    if current:
+        rounds.append(current)
+    return rounds
+
+
+@dataclass
+class ExchangeStats:
+    """Counters of one rank, cumulative over steps (read by tests and the instrumentation)."""
+
+    matrices_orthogonalized: int = 0
+    elements_sent: int = 0
+    bytes_sent: int = 0
+    all_to_all_calls: int = 0
+    all_reduce_calls: int = 0
+    per_member: dict[Any, int] = field(default_factory=dict)
+
+
+def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], layout: Layout, stats: ExchangeStats) -> None:
+    # Called unconditionally on every rank of the group (empty splits allowed) so that no rank can
+    # skip a collective the others wait in.
+    if layout.world_size == 1:
+        return
+    stats.all_to_all_calls += 1
+    stats.elements_sent += sum(in_splits) - in_splits[layout.rank]
+    stats.bytes_sent += (sum(in_splits) - in_splits[layout.rank]) * inp.element_size()
+    dist.all_to_all_single(out, inp, out_splits, in_splits, group=layout.group)
+
+
+def _matrix_lmo(
+    layout: Layout,
+    norm: MatrixNorm,
+    members: list[int],
+    directions: dict[Fragment, torch.Tensor],
+    comm_dtype: torch.dtype,
+    max_numel_per_rank: int,
+    stats: ExchangeStats,
+    member_keys: list[Any],
+) -> dict[Fragment, torch.Tensor]:
+    """Route matrix fragments to owners, orthogonalise there once, route update fragments back."""
+    costs = {m: matrix_cost(norm, layout.shapes[m]) for m in members}
+    owners = assign_owners(layout, members, costs)
+    me, world = layout.rank, layout.world_size
+    updates: dict[Fragment, torch.Tensor] = {}
+    sample = next(iter(directions.values()), None)
+    device = sample.device if sample is not None else torch.device("cpu")
+    work_dtype = sample.dtype if sample is not None else torch.float32
+
+    for round_members in plan_rounds(layout, owners, max_numel_per_rank):
+        in_round = set(round_members)
+        mine = [m for m in round_members if owners[m] == me]
+        # Full matrices this rank owns, in the working dtype: local fragments keep full precision,
+        # only what crosses the network goes through comm_dtype.
+        full = {m: torch.empty(layout.numel(m), dtype=work_dtype, device=device) for m in mine}
+
+        # Forward: each rank sends its fragments of matrices owned elsewhere (and not held whole there).
+        def forward_frags(src: int, dst: int) -> list[Fragment]:
+            return [f for f in layout.fragments[src] if f.member in in_round and owners[f.member] == dst
+                    and dst not in layout.whole_holders(f.member)]
+
+        send_parts, in_splits = [], []
+        for r in range(world):
+            frags = forward_frags(me, r) if r != me else []
+            send_parts += [directions[f].to(comm_dtype) for f in frags]
+            in_splits.append(sum(f.numel for f in frags))
+        out_splits = [sum(f.numel for f in forward_frags(r, me)) if r != me else 0 for r in range(world)]
+        recv = torch.empty(sum(out_splits), dtype=comm_dtype, device=device)
+        send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=comm_dtype, device=device)
+        _all_to_all(recv, send, out_splits, in_splits, layout, stats)
+        pos = 0
+        for r in range(world):
+            if r == me:
+                continue
+            for f in forward_frags(r, me):
+                full[f.member][f.start : f.start + f.numel] = recv[pos : pos + f.numel].to(work_dtype)
+                pos += f.numel
+        for f in layout.local():
+            if f.member in full:
+                full[f.member][f.start : f.start + f.numel] = directions[f]
+
+        # The LMO (Newton–Schulz), once per owned matrix, batched by shape.
+        owned = lmo_many(norm, [full[m].view(layout.shapes[m]) for m in mine])
+        for m in mine:
+            stats.per_member[member_keys[m]] = stats.per_member.get(member_keys[m], 0) + 1
+        stats.matrices_orthogonalized += len(mine)
+        result = {m: u.reshape(-1) for m, u in zip(mine, owned)}
+
+        # Reverse: every holder of a fragment of a matrix gets its slice of the update.
+        def reverse_frags(owner: int, holder: int) -> list[Fragment]:
+            return [f for f in layout.fragments[holder] if f.member in in_round and owners[f.member] == owner]
+
+        send_parts, in_splits = [], []
+        for r in range(world):
+            frags = reverse_frags(me, r) if r != me else []
+            send_parts += [result[f.member][f.start : f.start + f.numel].to(comm_dtype) for f in frags]
+            in_splits.append(sum(f.numel for f in frags))
+        out_splits = [sum(f.numel for f in reverse_frags(r, me)) if r != me else 0 for r in range(world)]
+        recv = torch.empty(sum(out_splits), dtype=comm_dtype, device=device)
+        send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=comm_dtype, device=device)
+        _all_to_all(recv, send, out_splits, in_splits, layout, stats)
+        pos = 0
+        for r in range(world):
+            if r == me:
+                continue
+            for f in reverse_frags(r, me):
+                updates[f] = recv[pos : pos + f.numel].to(work_dtype)
+                pos += f.numel
+        for f in reverse_frags(me, me):
+            updates[f] = result[f.member][f.start : f.start + f.numel]
+    return updates
+
+
+def _slice_index(norm: SeparableNorm, shape: tuple[int, ...], frag: Fragment, device: torch.device) -> torch.Tensor:
+    """For each entry of a fragment, the index of its row / column / tensor statistic."""
+    flat_index = torch.arange(frag.start, frag.start + frag.numel, device=device)
+    if norm.axis == "row":
+        return flat_index // shape[-1]
+    if norm.axis == "col":
+        return flat_index % shape[-1]
+    return torch.zeros_like(flat_index)
+
+
+def _stat_shape(norm: SeparableNorm, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the completed sums of squares, as ``SeparableNorm.sum_squares`` returns them."""
+    if norm.axis == "row":
+        return (*shape[:-1], 1)
+    if norm.axis == "col":
+        return (1, shape[-1])
+    return ()
+
+
+def _separable_lmo(
+    layout: Layout, norm: SeparableNorm, members: list[int], directions: dict[Fragment, torch.Tensor], stats: ExchangeStats
+) -> dict[Fragment, torch.Tensor]:
+    """Sum squares per slice over local fragments, complete them with one all_reduce, rescale."""
+    sizes = {m: max(1, _numel(_stat_shape(norm, layout.shapes[m]))) for m in members}
+    offsets, total = {}, 0
+    for m in members:
+        offsets[m] = total
+        total += sizes[m]
+    sample = next(iter(directions.values()), None)
+    device = sample.device if sample is not None else torch.device("cpu")
+    sums = torch.zeros(total, dtype=torch.float32, device=device)
+    local = [f for f in layout.local() if f.member in offsets]
+    index = {f: _slice_index(norm, layout.shapes[f.member], f, device) for f in local}
+    for f in local:
+        sums[offsets[f.member] : offsets[f.member] + sizes[f.member]].index_add_(0, index[f], directions[f].float().square())
+    if layout.world_size > 1 and not layout.replicated:
+        stats.all_reduce_calls += 1
+        dist.all_reduce(sums, group=layout.group)
+    updates = {}
+    for f in local:
+        shape = layout.shapes[f.member]
+        completed = sums[offsets[f.member] : offsets[f.member] + sizes[f.member]].view(_stat_shape(norm, shape))
+        factor = norm.factor(completed, shape).reshape(-1)
+        updates[f] = (directions[f].float() * factor[index[f]]).to(directions[f].dtype)
+    return updates
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def distributed_lmo(
+    layout: Layout,
+    norm: Norm,
+    directions: dict[Fragment, torch.Tensor],
+    *,
+    comm_dtype: torch.dtype = torch.bfloat16,
+    max_numel_per_rank: int = 1 << 27,
+    stats: ExchangeStats | None = None,
+    member_keys: list[Any] | None = None,
+) -> dict[Fragment, torch.Tensor]:
+    """The group's LMO applied to whole parameters, returned as this rank's fragments.
+
+    Args:
+        layout: who holds what; ``directions`` has one entry per fragment of ``layout.local()``.
+        norm: the group's geometry.
+        directions: this rank's fragments of the LMO input (momentum), 1-D.
+        comm_dtype: dtype of matrix fragments on the wire (bf16 halves traffic; Newton–Schulz runs
+            its iterations in bf16 anyway).
+        max_numel_per_rank: bound on the entries an owner gathers per round.
+        stats: counters to update.
+        member_keys: a stable key per member for the per-matrix orthogonalisation counter.
+
+    Every rank of ``layout.group`` must call this with the same layout and norm.
+    """
+    stats = stats if stats is not None else ExchangeStats()
+    members = list(range(len(layout.shapes)))
+    if isinstance(norm, MatrixNorm):
+        keys = member_keys if member_keys is not None else members
+        return _matrix_lmo(layout, norm, members, directions, comm_dtype, max_numel_per_rank, stats, keys)
+    if isinstance(norm, SeparableNorm):
+        return _separable_lmo(layout, norm, members, directions, stats)
+    if isinstance(norm, ElementwiseNorm):
+        return {f: norm.lmo_elements(d, layout.shapes[f.member]) for f, d in directions.items()}
+    raise TypeError(f"Scion: norm {type(norm).__name__} is not a MatrixNorm, SeparableNorm or ElementwiseNorm; "
+                    "the distributed optimizer cannot apply it to sharded parameters")

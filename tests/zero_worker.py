@@ -1,0 +1,118 @@
+"""One rank of a DeepSpeed run with disco_ds.Scion; launched by tests/test_zero.py.
+
+    torchrun --nproc_per_node W tests/zero_worker.py '{"stage": 2, ...}' OUT.pt
+
+Trains a small model with odd shapes (so matrices straddle partition boundaries and padding is
+exercised) for a few steps on a fixed global batch sequence, then writes, from rank 0, the full
+fp32 parameters, and from every rank its exchange counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
+
+from disco_ds import Scion, scion_param_groups
+
+VOCAB, WIDTH, HIDDEN, SEQ = 37, 12, 20, 5
+
+
+class OddModel(nn.Module):
+    """Embedding, three hidden matrices of odd sizes, a vector, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.up = nn.Linear(WIDTH, HIDDEN, bias=True)
+        self.mid = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.down = nn.Linear(HIDDEN, WIDTH, bias=False)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        h = torch.tanh(self.up(x))
+        h = torch.tanh(self.mid(h))
+        x = x + self.down(h)
+        logits = self.head(x)
+        return nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), ids.roll(-1, dims=1).reshape(-1))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+
+def global_batches(steps: int, global_batch: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(123)
+    return [torch.randint(0, VOCAB, (global_batch, SEQ), generator=gen) for _ in range(steps)]
+
+
+def build_model(seed: int = 0) -> OddModel:
+    torch.manual_seed(seed)
+    return OddModel()
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    out_path = sys.argv[2]
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro, accum, steps = cfg["micro_batch"], cfg["accum"], cfg["steps"]
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": cfg["stage"], **cfg.get("zero", {})},
+        "bf16": {"enabled": cfg.get("bf16", False)},
+    }
+    if cfg.get("zero_init"):
+        # ZeRO-3 builds the model already partitioned: p.shape is (0,), only ds_shape is real.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = build_model()
+    else:
+        model = build_model()
+    opt = Scion(scion_param_groups(model, lr=cfg["lr"]), comm_dtype=getattr(torch, cfg.get("comm_dtype", "bfloat16")))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    for batch in global_batches(steps, micro * accum * world):
+        for k in range(accum):
+            # Rank r's k-th micro-batch: a disjoint slice of the global batch.
+            start = (k * world + rank) * micro
+            loss = engine(batch[start : start + micro])
+            engine.backward(loss)
+            engine.step()
+
+    params = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None at stage 0, where p itself is the full parameter
+        params[name] = (full if full is not None else p).detach().float().clone().cpu()
+    stats = opt.stats
+    record = {
+        "per_member": dict(stats.per_member),
+        "matrices_orthogonalized": stats.matrices_orthogonalized,
+        "bytes_sent": stats.bytes_sent,
+        "all_to_all_calls": stats.all_to_all_calls,
+        "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
+        "optimizer_steps": opt.steps,
+    }
+    records: list = [None] * world
+    dist.all_gather_object(records, record)
+    if rank == 0:
+        torch.save({"params": params, "ranks": records}, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()
