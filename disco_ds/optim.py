@@ -57,6 +57,11 @@ def _group_label(index: int, group: dict[str, Any]) -> str:
     return label
 
 
+def _is_zero_partitioned(members: list[torch.Tensor]) -> bool:
+    """DeepSpeed ZeRO-1/2 (and its bf16 optimizer) link ``_hp_mapping``; ZeRO-3 sets ``ds_id``."""
+    return any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in members)
+
+
 class Scion(torch.optim.Optimizer):
     """Scion: momentum followed by a per-group linear minimisation oracle.
 
@@ -197,10 +202,17 @@ class Scion(torch.optim.Optimizer):
             if not params:
                 continue  # ZeRO-3 empties the groups it is not stepping
             members = self._members[group["scion_gid"]]
-            if any(p is m for p in params[:1] for m in members):
-                stepped |= self._step_parameters(group, [p for p in params if p.grad is not None])
-            else:
+            if _is_zero_partitioned(members) and not any(p is m for p in params[:1] for m in members):
                 stepped |= self._step_flat_partition(group, params, members)
+            elif [tuple(p.shape) for p in params] == [tuple(m.shape) for m in members]:
+                # The parameters themselves, or per-parameter master copies (DeepSpeed stage 0 bf16).
+                stepped |= self._step_parameters(group, params, members)
+            else:
+                raise RuntimeError(
+                    f"Scion: param group {group['scion_gid']} was given {len(params)} tensors that are neither its "
+                    f"{len(members)} parameters (or same-shape master copies) nor a DeepSpeed ZeRO flat partition; "
+                    "the optimizer wrapper around Scion is not supported"
+                )
         self.steps += int(stepped)
         return loss
 
@@ -220,12 +232,16 @@ class Scion(torch.optim.Optimizer):
             return dist.group.WORLD
         return None
 
-    def _step_parameters(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+    def _step_parameters(self, group: dict[str, Any], params: list[torch.Tensor], members: list[torch.Tensor]) -> bool:
         """Whole parameters: one process, or data-parallel replicas (DDP, ZeRO stage 0)."""
         dp_group = self._data_parallel_group()
         if dp_group is not None:
             self._check_replicas(dp_group)
-        if not params and dp_group is None:
+        keys = [self._key(m) for p, m in zip(params, members) if p.grad is not None]
+        params = [p for p in params if p.grad is not None]
+        if self.steps == 0 and params and not any(bool(p.grad.any()) for p in params):
+            # DeepSpeed's stage-0 fp16/bf16 wrapper calls step() once at initialisation with zeroed
+            # gradients to create optimizer state; that is not an optimizer step.
             return False
         directions = [self._direction(p, group) for p in params]
         norm = self.norm_of(group)
@@ -233,17 +249,17 @@ class Scion(torch.optim.Optimizer):
             updates = lmo_many(norm, directions)
             if isinstance(norm, MatrixNorm):
                 self.stats.matrices_orthogonalized += len(params)
-                for p in params:
-                    self._count(p)
+                for key in keys:
+                    self.stats.per_member[key] = self.stats.per_member.get(key, 0) + 1
         else:
-            key = ("replicated", tuple(id(p) for p in params))
-            if key not in self._layouts:
-                self._layouts[key] = replicated_layout(params, dp_group)
-            layout = self._layouts[key]
+            layout_key = ("replicated", tuple(id(p) for p in params))
+            if layout_key not in self._layouts:
+                self._layouts[layout_key] = replicated_layout(params, dp_group)
+            layout = self._layouts[layout_key]
             fragments = layout.local()
             out = distributed_lmo(layout, norm, {f: d.reshape(-1) for f, d in zip(fragments, directions)},
                                   comm_dtype=self.comm_dtype, max_numel_per_rank=self.max_gather_numel,
-                                  stats=self.stats, member_keys=[self._key(p) for p in params])
+                                  stats=self.stats, member_keys=keys)
             updates = [out[f].view(p.shape) for f, p in zip(fragments, params)]
         for p, u in zip(params, updates):
             self._apply(group, p, u)
@@ -253,8 +269,8 @@ class Scion(torch.optim.Optimizer):
         """A DeepSpeed ZeRO flat partition: momentum on the local slice, LMO through the owners."""
         if len(params) != 1 or params[0].dim() != 1:
             raise RuntimeError(
-                f"Scion: param group {group['scion_gid']} holds {len(params)} tensors that are not the parameters it "
-                "was built with and not one flat ZeRO partition; this wrapper is not supported"
+                f"Scion: param group {group['scion_gid']} holds {len(params)} tensors instead of one flat ZeRO "
+                "partition; this DeepSpeed wrapper is not supported"
             )
         flat = params[0]
         if flat.grad is None:
@@ -305,10 +321,6 @@ class Scion(torch.optim.Optimizer):
 
     def _key(self, p: torch.Tensor) -> str:
         return self._names.get(id(p), f"param@{id(p):x}")
-
-    def _count(self, p: torch.Tensor) -> None:
-        key = self._key(p)
-        self.stats.per_member[key] = self.stats.per_member.get(key, 0) + 1
 
     # ---------------------------------------------------------------- initialisation
 

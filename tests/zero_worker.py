@@ -75,6 +75,7 @@ def main() -> None:
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": cfg["stage"], **cfg.get("zero", {})},
         "bf16": {"enabled": cfg.get("bf16", False)},
+        **cfg.get("ds", {}),
     }
     if cfg.get("zero_init"):
         # ZeRO-3 builds the model already partitioned: p.shape is (0,), only ds_shape is real.
