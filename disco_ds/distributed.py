@@ -277,6 +277,11 @@ def _matrix_lmo(
             stats.per_member[member_keys[m]] = stats.per_member.get(member_keys[m], 0) + 1
         stats.matrices_orthogonalized += len(mine)
         result = {m: u.reshape(-1) for m, u in zip(mine, owned)}
+        for m in mine:
+            if len(layout.whole_holders(m)) > 1:
+                # Replicas (DDP, stage 0) must stay bit-identical: the owner applies the same
+                # comm_dtype-rounded update that every other replica receives.
+                result[m] = result[m].to(comm_dtype).to(work_dtype)
 
         # Reverse: every holder of a fragment of a matrix gets its slice of the update.
         def reverse_frags(owner: int, holder: int) -> list[Fragment]:

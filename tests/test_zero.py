@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_workers(tmp_path: Path, world: int, **cfg) -> dict:
     cfg = {"micro_batch": 3, "accum": 1, "steps": 3, "lr": 0.05, **cfg}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "result.pt"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
@@ -122,3 +123,24 @@ def test_bf16_model_close_to_single_process(tmp_path: Path, stage: int, world: i
     result = run_workers(tmp_path, world, stage=stage, bf16=True, **extra)
     assert_matches_single_process(result, world, atol=BF16_MODEL_ATOL)
     assert_exactly_once(result)
+
+
+def test_stage0_replicas_stay_bit_identical(tmp_path: Path) -> None:
+    """DeepSpeed #8441 was stage 0 silently running SGD; here every matrix is orthogonalised once
+    on its owner and every replica applies the very same (bf16-transported) update."""
+    result = run_workers(tmp_path, 3, stage=0, steps=3, comm_dtype="bfloat16")
+    weights = [rank["local_weights"] for rank in result["ranks"]]
+    assert weights[0] == weights[1] == weights[2]
+    assert_exactly_once(result)
+    assert_matches_single_process(result, 3, atol=2e-3 * result["cfg"]["steps"])
+
+
+@pytest.mark.parametrize("stage,world,bf16", [(0, 2, False), (1, 2, False), (2, 3, False), (3, 2, False), (2, 2, True), (3, 2, True)])
+def test_checkpoint_resume_is_bit_identical(tmp_path: Path, stage: int, world: int, bf16: bool) -> None:
+    """Save after 2 steps, stop the processes, start new ones, load, continue: same as uninterrupted."""
+    cfg = dict(stage=stage, bf16=bf16, steps=4, ckpt=str(tmp_path / "ckpt"))
+    uninterrupted = run_workers(tmp_path / "a", world, **cfg)
+    run_workers(tmp_path / "b", world, save_after=2, **cfg)
+    resumed = run_workers(tmp_path / "c", world, resume=True, **cfg)
+    for name, ref in uninterrupted["params"].items():
+        assert torch.equal(resumed["params"][name], ref), name

@@ -2,6 +2,9 @@
 
     torchrun --nproc_per_node W tests/zero_worker.py '{"stage": 2, ...}' OUT.pt
 
+With ``"ckpt": DIR`` and ``"save_after": k`` it saves an engine checkpoint after k steps and stops;
+with ``"resume": true`` it loads DIR and continues to ``steps``.
+
 Trains a small model with odd shapes (so matrices straddle partition boundaries and padding is
 exercised) for a few steps on a fixed global batch sequence, then writes, from rank 0, the full
 fp32 parameters, and from every rank its exchange counters.
@@ -85,7 +88,16 @@ def main() -> None:
         model = build_model()
     opt = Scion(scion_param_groups(model, lr=cfg["lr"]), comm_dtype=getattr(torch, cfg.get("comm_dtype", "bfloat16")))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-    for batch in global_batches(steps, micro * accum * world):
+    first_step = 0
+    if cfg.get("resume"):
+        engine.load_checkpoint(cfg["ckpt"])
+        first_step = engine.global_steps
+    for step, batch in enumerate(global_batches(steps, micro * accum * world)):
+        if step < first_step:
+            continue
+        if step == cfg.get("save_after"):
+            engine.save_checkpoint(cfg["ckpt"])
+            break
         for k in range(accum):
             # Rank r's k-th micro-batch: a disjoint slice of the global batch.
             start = (k * world + rank) * micro
@@ -98,6 +110,8 @@ def main() -> None:
         full = safe_get_full_fp32_param(p)  # None at stage 0, where p itself is the full parameter
         params[name] = (full if full is not None else p).detach().float().clone().cpu()
     stats = opt.stats
+    # Data-parallel replicas (stage 0) must hold bit-identical parameters on every rank.
+    local_weights = {name: p.detach().double().sum().item() for name, p in engine.module.named_parameters()}
     record = {
         "per_member": dict(stats.per_member),
         "matrices_orthogonalized": stats.matrices_orthogonalized,
@@ -105,6 +119,7 @@ def main() -> None:
         "all_to_all_calls": stats.all_to_all_calls,
         "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
         "optimizer_steps": opt.steps,
+        "local_weights": local_weights,
     }
     records: list = [None] * world
     dist.all_gather_object(records, record)
@@ -112,6 +127,11 @@ def main() -> None:
         torch.save({"params": params, "ranks": records}, out_path)
     dist.barrier()
     dist.destroy_process_group()
+    # gloo on CPU sometimes aborts in its destructors after all work is done; the results are
+    # written, so leave without running them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
