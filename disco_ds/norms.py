@@ -349,6 +349,9 @@ def lmo_many(norm: Norm, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         by_shape.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
     out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
     for (shape, _, _), indices in by_shape.items():
+        if len(indices) == 1:  # no stacking copy for a lone matrix
+            out[indices[0]] = norm.lmo(tensors[indices[0]])
+            continue
         batch = torch.stack([norm.to_matrix(tensors[i]) for i in indices])
         for i, u in zip(indices, norm.lmo_batch(batch, shape).unbind(0)):
             out[i] = u.reshape(shape)

@@ -292,10 +292,30 @@ class Scion(torch.optim.Optimizer):
         key = ("flat", id(flat), flat.data_ptr(), flat.numel())
         if key not in self._layouts:
             if getattr(members[0], "_z3_optimizer", None) is not None:
-                self._layouts[key] = zero3_layout(flat, members)
+                layout, sg_members = zero3_layout(flat, members)
             else:
-                self._layouts[key] = (zero12_layout(members), members)
+                layout, sg_members = zero12_layout(members), members
+            self._verify_layout(layout, flat, sg_members)
+            self._layouts[key] = (layout, sg_members)
         return self._layouts[key]
+
+    def _verify_layout(self, layout: Layout, flat: torch.Tensor, members: list[torch.Tensor]) -> None:
+        """Self-test of a new layout: each local fragment of the fp32 master partition must equal
+        the same entries of the model's own (bf16 or fp32) weights, which DeepSpeed keeps in step.
+
+        A mismatch means DeepSpeed's bookkeeping does not describe the flat buffer, and every
+        matrix would be rebuilt from the wrong entries: an error, never a fallback.
+        """
+        for f in layout.local():
+            p = members[f.member]
+            own = p.ds_tensor.view(-1)[: f.numel] if hasattr(p, "ds_tensor") else p.data.view(-1)[f.start : f.start + f.numel]
+            master = flat.detach().narrow(0, f.offset, f.numel).to(own.dtype)
+            if not torch.equal(master, own):
+                raise ValueError(
+                    f"Scion: DeepSpeed's fragment address for {self._key(p)} does not match the flat fp32 partition, "
+                    "so matrices cannot be rebuilt from it. The known cause is "
+                    "zero_optimization.round_robin_gradients=true, which is not supported with Scion: set it to false."
+                )
 
     def _check_replicas(self, group: Any) -> None:
         """First step: data-parallel replicas must hold identical gradients, or owners would be wrong."""
@@ -377,6 +397,12 @@ class ScionLight(Scion):
 
     def _direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         return p.grad
+
+    def _step_flat_partition(self, group: dict[str, Any], params: list[torch.Tensor], members: list[torch.Tensor]) -> bool:
+        raise RuntimeError(
+            "ScionLight cannot run under DeepSpeed ZeRO: the engine owns and zeroes the gradient partitions that "
+            "would hold its momentum. Use disco_ds.Scion (momentum in the sharded 'exp_avg' state)."
+        )
 
     def _after_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         p.grad.mul_(1.0 - float(group["momentum"]))

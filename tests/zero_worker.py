@@ -23,7 +23,7 @@ from torch import nn
 import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
 
-from disco_ds import Scion, scion_param_groups
+from disco_ds import Scion, ScionLight, scion_param_groups
 
 VOCAB, WIDTH, HIDDEN, SEQ = 37, 12, 20, 5
 
@@ -74,7 +74,7 @@ def main() -> None:
     ds_config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": 0.0,
+        "gradient_clipping": cfg.get("clip", 0.0),
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": cfg["stage"], **cfg.get("zero", {})},
         "bf16": {"enabled": cfg.get("bf16", False)},
@@ -86,7 +86,9 @@ def main() -> None:
             model = build_model()
     else:
         model = build_model()
-    opt = Scion(scion_param_groups(model, lr=cfg["lr"]), comm_dtype=getattr(torch, cfg.get("comm_dtype", "bfloat16")))
+    optimizer_class = {"Scion": Scion, "ScionLight": ScionLight}[cfg.get("optimizer", "Scion")]
+    groups = scion_param_groups(model, lr=cfg["lr"], momentum=cfg.get("momentum", 0.1), ns_method=cfg.get("ns_method", "quintic"))
+    opt = optimizer_class(groups, comm_dtype=getattr(torch, cfg.get("comm_dtype", "bfloat16")))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     first_step = 0
     if cfg.get("resume"):

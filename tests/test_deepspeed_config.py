@@ -1,0 +1,49 @@
+"""check_deepspeed_config refuses every config in which DeepSpeed would not run Scion as given."""
+
+from __future__ import annotations
+
+import pytest
+
+from disco_ds.deepspeed_config import check_deepspeed_config
+
+GOOD = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_clipping": 0.0,
+    "zero_allow_untested_optimizer": True,
+    "zero_optimization": {"stage": 2},
+}
+
+
+def test_good_configs_pass() -> None:
+    check_deepspeed_config(GOOD)
+    check_deepspeed_config({"train_micro_batch_size_per_gpu": 2})  # stage 0 needs no ZeRO flags
+    check_deepspeed_config({**GOOD, "zero_force_ds_cpu_optimizer": False,
+                            "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, r"'optimizer' section \(type='AdamW'\)"),
+        ({"optimizer": {"type": "Muon"}}, r"'optimizer' section \(type='Muon'\)"),
+        ({"zero_optimization": {"stage": 2, "round_robin_gradients": True}}, r"zero_optimization\.round_robin_gradients=true"),
+        ({"zero_allow_untested_optimizer": False}, r"zero_allow_untested_optimizer=true"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, r"zero_force_ds_cpu_optimizer=false"),
+    ],
+)
+def test_refused_configs_name_the_key(change: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_deepspeed_config({**GOOD, **change})
+
+
+def test_no_muon_trigger_in_our_classes() -> None:
+    """DeepSpeed switches on its own Muon path for classes named *muon* or params with use_muon."""
+    import torch
+
+    from disco_ds import Scion, ScionLight, scion_param_groups
+
+    for cls in (Scion, ScionLight):
+        assert "muon" not in cls.__name__.lower()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    Scion(scion_param_groups(model, lr=0.1))
+    assert not any(hasattr(p, "use_muon") for p in model.parameters())
