@@ -19,6 +19,7 @@ member and updates travel from owners to everybody (an all-gather).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,6 +230,7 @@ def _matrix_lmo(
     max_numel_per_rank: int,
     stats: ExchangeStats,
     member_keys: list[Any],
+    on_gathered: Callable[[Any, torch.Tensor], None] | None,
 ) -> dict[Fragment, torch.Tensor]:
     """Route matrix fragments to owners, orthogonalise there once, route update fragments back."""
     costs = {m: matrix_cost(norm, layout.shapes[m]) for m in members}
@@ -271,6 +273,9 @@ def _matrix_lmo(
             if f.member in full:
                 full[f.member][f.start : f.start + f.numel] = directions[f]
 
+        if on_gathered is not None:
+            for m in mine:
+                on_gathered(member_keys[m], full[m].view(layout.shapes[m]))
         # The LMO (Newton–Schulz), once per owned matrix, batched by shape.
         owned = lmo_many(norm, [full[m].view(layout.shapes[m]) for m in mine])
         for m in mine:
@@ -371,6 +376,7 @@ def distributed_lmo(
     max_numel_per_rank: int = 1 << 27,
     stats: ExchangeStats | None = None,
     member_keys: list[Any] | None = None,
+    on_gathered: Callable[[Any, torch.Tensor], None] | None = None,
 ) -> dict[Fragment, torch.Tensor]:
     """The group's LMO applied to whole parameters, returned as this rank's fragments.
 
@@ -383,6 +389,7 @@ def distributed_lmo(
         max_numel_per_rank: bound on the entries an owner gathers per round.
         stats: counters to update.
         member_keys: a stable key per member for the per-matrix orthogonalisation counter.
+        on_gathered: called at the owner with ``(key, full matrix)`` before its LMO (self-tests).
 
     Every rank of ``layout.group`` must call this with the same layout and norm.
     """
@@ -390,7 +397,7 @@ def distributed_lmo(
     members = list(range(len(layout.shapes)))
     if isinstance(norm, MatrixNorm):
         keys = member_keys if member_keys is not None else members
-        return _matrix_lmo(layout, norm, members, directions, comm_dtype, max_numel_per_rank, stats, keys)
+        return _matrix_lmo(layout, norm, members, directions, comm_dtype, max_numel_per_rank, stats, keys, on_gathered)
     if isinstance(norm, SeparableNorm):
         return _separable_lmo(layout, norm, members, directions, stats)
     if isinstance(norm, ElementwiseNorm):

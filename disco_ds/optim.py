@@ -119,6 +119,8 @@ class Scion(torch.optim.Optimizer):
         """Cumulative counters of this rank: matrices orthogonalised, bytes sent, collectives."""
         self.steps = 0
         """Number of ``step()`` calls that updated parameters (DeepSpeed may call once per group)."""
+        self.on_gathered: Callable[[str, torch.Tensor], None] | None = None
+        """If set, called at the owner with ``(parameter name, full momentum matrix)`` before its LMO."""
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- validation
@@ -259,7 +261,7 @@ class Scion(torch.optim.Optimizer):
             fragments = layout.local()
             out = distributed_lmo(layout, norm, {f: d.reshape(-1) for f, d in zip(fragments, directions)},
                                   comm_dtype=self.comm_dtype, max_numel_per_rank=self.max_gather_numel,
-                                  stats=self.stats, member_keys=keys)
+                                  stats=self.stats, member_keys=keys, on_gathered=self.on_gathered)
             updates = [out[f].view(p.shape) for f, p in zip(fragments, params)]
         for p, u in zip(params, updates):
             self._apply(group, p, u)
@@ -280,7 +282,7 @@ class Scion(torch.optim.Optimizer):
         directions = {f: d.narrow(0, f.offset, f.numel) for f in layout.local()}
         out = distributed_lmo(layout, self.norm_of(group), directions, comm_dtype=self.comm_dtype,
                               max_numel_per_rank=self.max_gather_numel, stats=self.stats,
-                              member_keys=[self._key(p) for p in sg_members])
+                              member_keys=[self._key(p) for p in sg_members], on_gathered=self.on_gathered)
         update = torch.zeros_like(flat)
         for f, u in out.items():
             update.narrow(0, f.offset, f.numel).copy_(u)

@@ -71,6 +71,13 @@ def assert_matches_single_process(result: dict, world: int, atol: float) -> None
         torch.testing.assert_close(got.float().reshape(ref.shape), ref, atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
+def assert_gathered_equals_deepspeed_full_grad(result: dict, atol: float) -> None:
+    """The matrices the owners rebuilt from flat fragments are DeepSpeed's own full gradients."""
+    compared = {name: diff for rank in result["ranks"] for name, diff in rank["gathered_vs_deepspeed"].items()}
+    assert set(compared) == {"up.weight", "mid.weight", "down.weight"}, compared
+    assert max(compared.values()) <= atol, compared
+
+
 def assert_exactly_once(result: dict) -> None:
     """Every hidden matrix orthogonalised exactly once per optimizer step in the whole job."""
     steps = result["cfg"]["steps"]
@@ -103,6 +110,7 @@ CASES = [
 def test_fp32_transport_equals_single_process(tmp_path: Path, stage: int, world: int, accum: int, extra: dict) -> None:
     result = run_workers(tmp_path, world, stage=stage, accum=accum, comm_dtype="float32", ns_method="svd", **extra)
     assert_matches_single_process(result, world, atol=1e-5)
+    assert_gathered_equals_deepspeed_full_grad(result, atol=1e-6)
     assert_exactly_once(result)
 
 

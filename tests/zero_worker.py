@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 import deepspeed
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from disco_ds import Scion, ScionLight, scion_param_groups
 
@@ -90,6 +90,11 @@ def main() -> None:
     groups = scion_param_groups(model, lr=cfg["lr"], momentum=cfg.get("momentum", 0.1), ns_method=cfg.get("ns_method", "quintic"))
     opt = optimizer_class(groups, comm_dtype=getattr(torch, cfg.get("comm_dtype", "bfloat16")))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    # Self-test hook: the owners' gathered momentum on step 1 is m·g; compare g with DeepSpeed's
+    # own safe_get_full_grad taken after backward.
+    gathered: dict[str, torch.Tensor] = {}
+    opt.on_gathered = lambda name, full: gathered.setdefault(name, full.detach().clone().float())
+    reference: dict[str, torch.Tensor] = {}
     first_step = 0
     if cfg.get("resume"):
         engine.load_checkpoint(cfg["ckpt"])
@@ -105,6 +110,10 @@ def main() -> None:
             start = (k * world + rank) * micro
             loss = engine(batch[start : start + micro])
             engine.backward(loss)
+            if step == first_step and k == accum - 1:
+                for name, p in engine.module.named_parameters():
+                    if p.dim() == 2 or len(getattr(p, "ds_shape", ())) == 2:
+                        reference[name] = safe_get_full_grad(p).detach().clone().float()
             engine.step()
 
     params = {}
@@ -122,6 +131,9 @@ def main() -> None:
         "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
         "optimizer_steps": opt.steps,
         "local_weights": local_weights,
+        # max |gathered/m − safe_get_full_grad| per matrix this rank owned on the first step
+        "gathered_vs_deepspeed": {name: (full / cfg.get("momentum", 0.1) - reference[name].reshape(full.shape)).abs().max().item()
+                                  for name, full in gathered.items() if name in reference},
     }
     records: list = [None] * world
     dist.all_gather_object(records, record)
