@@ -203,6 +203,7 @@ class ExchangeStats:
     """Counters of one rank, cumulative over steps (read by tests and the instrumentation)."""
 
     matrices_orthogonalized: int = 0
+    rounds: int = 0
     elements_sent: int = 0
     bytes_sent: int = 0
     all_to_all_calls: int = 0
@@ -242,6 +243,7 @@ def _matrix_lmo(
     work_dtype = sample.dtype if sample is not None else torch.float32
 
     for round_members in plan_rounds(layout, owners, max_numel_per_rank):
+        stats.rounds += 1
         in_round = set(round_members)
         mine = [m for m in round_members if owners[m] == me]
         # Full matrices this rank owns, in the working dtype: local fragments keep full precision,

@@ -88,7 +88,8 @@ def main() -> None:
         model = build_model()
     optimizer_class = {"Scion": Scion, "ScionLight": ScionLight}[cfg.get("optimizer", "Scion")]
     groups = scion_param_groups(model, lr=cfg["lr"], momentum=cfg.get("momentum", 0.1), ns_method=cfg.get("ns_method", "quintic"))
-    opt = optimizer_class(groups, comm_dtype=getattr(torch, cfg.get("comm_dtype", "bfloat16")))
+    opt = optimizer_class(groups, comm_dtype=getattr(torch, cfg.get("comm_dtype", "bfloat16")),
+                          max_gather_numel=cfg.get("max_gather_numel", 1 << 27))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     # Self-test hook: the owners' gathered momentum on step 1 is m·g; compare g with DeepSpeed's
     # own safe_get_full_grad taken after backward.
@@ -128,6 +129,7 @@ def main() -> None:
         "matrices_orthogonalized": stats.matrices_orthogonalized,
         "bytes_sent": stats.bytes_sent,
         "all_to_all_calls": stats.all_to_all_calls,
+        "rounds": stats.rounds,
         "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
         "optimizer_steps": opt.steps,
         "local_weights": local_weights,
