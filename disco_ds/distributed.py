@@ -222,6 +222,34 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_
     dist.all_to_all_single(out, inp, out_splits, in_splits, group=layout.group)
 
 
+def _exchange(
+    layout: Layout,
+    route: Callable[[int, int], list[Fragment]],
+    payload: Callable[[Fragment], torch.Tensor],
+    comm_dtype: torch.dtype,
+    device: torch.device,
+    stats: ExchangeStats,
+) -> list[tuple[Fragment, torch.Tensor]]:
+    """One ``all_to_all_single``: rank s sends ``payload(f)`` for each ``f in route(s, d)`` to rank
+    d ≠ s. Every rank derives both its send and receive lists from ``route``, so no sizes travel.
+    Returns the received ``(fragment, values)`` pairs."""
+    me, world = layout.rank, layout.world_size
+    sends = [route(me, r) if r != me else [] for r in range(world)]
+    receives = [route(r, me) if r != me else [] for r in range(world)]
+    in_splits = [sum(f.numel for f in frags) for frags in sends]
+    out_splits = [sum(f.numel for f in frags) for frags in receives]
+    parts = [payload(f).to(comm_dtype) for frags in sends for f in frags]
+    send = torch.cat(parts) if parts else torch.empty(0, dtype=comm_dtype, device=device)
+    recv = torch.empty(sum(out_splits), dtype=comm_dtype, device=device)
+    _all_to_all(recv, send, out_splits, in_splits, layout, stats)
+    received, pos = [], 0
+    for frags in receives:
+        for f in frags:
+            received.append((f, recv[pos : pos + f.numel]))
+            pos += f.numel
+    return received
+
+
 def _matrix_lmo(
     layout: Layout,
     norm: MatrixNorm,
@@ -251,26 +279,12 @@ def _matrix_lmo(
         full = {m: torch.empty(layout.numel(m), dtype=work_dtype, device=device) for m in mine}
 
         # Forward: each rank sends its fragments of matrices owned elsewhere (and not held whole there).
-        def forward_frags(src: int, dst: int) -> list[Fragment]:
+        def to_owner(src: int, dst: int) -> list[Fragment]:
             return [f for f in layout.fragments[src] if f.member in in_round and owners[f.member] == dst
                     and dst not in layout.whole_holders(f.member)]
 
-        send_parts, in_splits = [], []
-        for r in range(world):
-            frags = forward_frags(me, r) if r != me else []
-            send_parts += [directions[f].to(comm_dtype) for f in frags]
-            in_splits.append(sum(f.numel for f in frags))
-        out_splits = [sum(f.numel for f in forward_frags(r, me)) if r != me else 0 for r in range(world)]
-        recv = torch.empty(sum(out_splits), dtype=comm_dtype, device=device)
-        send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=comm_dtype, device=device)
-        _all_to_all(recv, send, out_splits, in_splits, layout, stats)
-        pos = 0
-        for r in range(world):
-            if r == me:
-                continue
-            for f in forward_frags(r, me):
-                full[f.member][f.start : f.start + f.numel] = recv[pos : pos + f.numel].to(work_dtype)
-                pos += f.numel
+        for f, values in _exchange(layout, to_owner, directions.__getitem__, comm_dtype, device, stats):
+            full[f.member][f.start : f.start + f.numel] = values.to(work_dtype)
         for f in layout.local():
             if f.member in full:
                 full[f.member][f.start : f.start + f.numel] = directions[f]
@@ -291,27 +305,16 @@ def _matrix_lmo(
                 result[m] = result[m].to(comm_dtype).to(work_dtype)
 
         # Reverse: every holder of a fragment of a matrix gets its slice of the update.
-        def reverse_frags(owner: int, holder: int) -> list[Fragment]:
+        def to_holder(owner: int, holder: int) -> list[Fragment]:
             return [f for f in layout.fragments[holder] if f.member in in_round and owners[f.member] == owner]
 
-        send_parts, in_splits = [], []
-        for r in range(world):
-            frags = reverse_frags(me, r) if r != me else []
-            send_parts += [result[f.member][f.start : f.start + f.numel].to(comm_dtype) for f in frags]
-            in_splits.append(sum(f.numel for f in frags))
-        out_splits = [sum(f.numel for f in reverse_frags(r, me)) if r != me else 0 for r in range(world)]
-        recv = torch.empty(sum(out_splits), dtype=comm_dtype, device=device)
-        send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=comm_dtype, device=device)
-        _all_to_all(recv, send, out_splits, in_splits, layout, stats)
-        pos = 0
-        for r in range(world):
-            if r == me:
-                continue
-            for f in reverse_frags(r, me):
-                updates[f] = recv[pos : pos + f.numel].to(work_dtype)
-                pos += f.numel
-        for f in reverse_frags(me, me):
-            updates[f] = result[f.member][f.start : f.start + f.numel]
+        def update_slice(f: Fragment) -> torch.Tensor:
+            return result[f.member][f.start : f.start + f.numel]
+
+        for f, values in _exchange(layout, to_holder, update_slice, comm_dtype, device, stats):
+            updates[f] = values.to(work_dtype)
+        for f in to_holder(me, me):
+            updates[f] = update_slice(f)
     return updates
 
 
