@@ -89,28 +89,29 @@ def assert_exactly_once(result: dict) -> None:
 
 
 CASES = [
-    # (stage, world, accum, extra worker config)
-    (1, 2, 1, {}),
-    (2, 2, 1, {}),
-    (3, 2, 1, {}),
-    (2, 3, 1, {}),
-    (3, 3, 1, {}),
-    (1, 3, 4, {}),
-    (2, 2, 4, {"zero": {"reduce_scatter": False}}),
-    (2, 3, 1, {"zero": {"overlap_comm": True, "contiguous_gradients": False, "reduce_bucket_size": 50}}),
-    (3, 2, 4, {"zero_init": True}),
-    (3, 3, 1, {"zero": {"reduce_scatter": False, "sub_group_size": 300}}),
-    (0, 2, 1, {}),
-    (2, 1, 1, {}),
-    (3, 1, 2, {}),
+    # (name, stage, world, accum, extra worker config). Names starting with "ds" reproduce a known
+    # failure of DeepSpeed's own Muon (issue number) as a case that passes here.
+    ("z1-w2", 1, 2, 1, {}),
+    ("ds7807-partition-boundary-reduce-scatter", 2, 2, 1, {"zero": {"reduce_scatter": True}}),
+    ("z3-w2", 3, 2, 1, {}),
+    ("z2-w3-odd-partitions", 2, 3, 1, {}),
+    ("z3-w3-odd-partitions", 3, 3, 1, {}),
+    ("ds8600-once-per-step-not-per-microbatch-z1", 1, 3, 4, {}),
+    ("z2-allreduce-ga4", 2, 2, 4, {"zero": {"reduce_scatter": False}}),
+    ("z2-overlap-small-buckets", 2, 3, 1, {"zero": {"overlap_comm": True, "contiguous_gradients": False, "reduce_bucket_size": 50}}),
+    ("ds8438-zero-init-hides-shapes", 3, 2, 4, {"zero_init": True}),
+    ("z3-subgroups-allreduce", 3, 3, 1, {"zero": {"reduce_scatter": False, "sub_group_size": 300}}),
+    ("ds8441-stage0-not-sgd", 0, 2, 1, {}),
+    ("z2-w1", 2, 1, 1, {}),
+    ("ds8443-z3-accumulation", 3, 1, 2, {}),
     # Chunked rounds: owners gather at most 250 entries at a time (matrices have 240-400), so the
     # owner of two matrices takes them in separate rounds.
-    (3, 2, 1, {"max_gather_numel": 250}),
+    ("z3-chunked-rounds", 3, 2, 1, {"max_gather_numel": 250}),
 ]
 
 
-@pytest.mark.parametrize("stage,world,accum,extra", CASES, ids=[f"z{s}-w{w}-ga{a}-{'-'.join(e) or 'default'}" for s, w, a, e in CASES])
-def test_fp32_transport_equals_single_process(tmp_path: Path, stage: int, world: int, accum: int, extra: dict) -> None:
+@pytest.mark.parametrize("name,stage,world,accum,extra", CASES, ids=[c[0] for c in CASES])
+def test_fp32_transport_equals_single_process(tmp_path: Path, name: str, stage: int, world: int, accum: int, extra: dict) -> None:
     result = run_workers(tmp_path, world, stage=stage, accum=accum, comm_dtype="float32", ns_method="svd", **extra)
     assert_matches_single_process(result, world, atol=1e-5)
     assert_gathered_equals_deepspeed_full_grad(result, atol=1e-6)
@@ -127,18 +128,18 @@ def test_bf16_transport_close_to_single_process(tmp_path: Path, stage: int, worl
 
 
 BF16_CASES = [
-    # (stage, world, extra): stage 0 uses per-parameter fp32 masters, stage 1 with fp32 gradient
-    # accumulation uses DeepSpeed's BF16_Optimizer (DeepSpeed #8461), 1-3 the ZeRO optimizers.
-    (0, 2, {}),
-    (1, 2, {}),
-    (1, 2, {"ds": {"data_types": {"grad_accum_dtype": "fp32"}}}),
-    (2, 3, {}),
-    (3, 2, {}),
+    # (name, stage, world, extra): stage 0 uses per-parameter fp32 masters, stage 1 with fp32
+    # gradient accumulation DeepSpeed's BF16_Optimizer, 1-3 the ZeRO optimizers.
+    ("z0-master-copies", 0, 2, {}),
+    ("z1", 1, 2, {}),
+    ("ds8461-bf16-optimizer-path", 1, 2, {"ds": {"data_types": {"grad_accum_dtype": "fp32"}}}),
+    ("z2-w3", 2, 3, {}),
+    ("z3", 3, 2, {}),
 ]
 
 
-@pytest.mark.parametrize("stage,world,extra", BF16_CASES, ids=[f"z{s}-w{w}-{'-'.join(e) or 'default'}" for s, w, e in BF16_CASES])
-def test_bf16_model_close_to_single_process(tmp_path: Path, stage: int, world: int, extra: dict) -> None:
+@pytest.mark.parametrize("name,stage,world,extra", BF16_CASES, ids=[c[0] for c in BF16_CASES])
+def test_bf16_model_close_to_single_process(tmp_path: Path, name: str, stage: int, world: int, extra: dict) -> None:
     result = run_workers(tmp_path, world, stage=stage, bf16=True, **extra)
     assert_matches_single_process(result, world, atol=BF16_MODEL_ATOL)
     assert_exactly_once(result)
@@ -173,7 +174,7 @@ def test_optimizer_state_is_sharded(tmp_path: Path, stage: int) -> None:
     assert two <= 0.55 * one, (one, two)
 
 
-def test_clipping_never_touches_the_update(tmp_path: Path) -> None:
+def test_ds8439_clipping_never_touches_the_update(tmp_path: Path) -> None:
     """DeepSpeed #8439 clipped Muon's orthogonalised update. Here clipping acts on the raw gradient
     before the (scale-invariant) LMO: with no momentum, clip 1.0 and clip off give the same step."""
     clipped = run_workers(tmp_path / "clip", 2, stage=2, momentum=1.0, clip=1.0, comm_dtype="float32", ns_method="svd")
