@@ -1,0 +1,1 @@
+"""Model definitions shipped with disco_ds (Hugging Face compatible)."""

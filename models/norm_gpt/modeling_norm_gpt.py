@@ -1,0 +1,351 @@
+"""NormGPT: the "norm-everywhere" GPT of Filatov, Wang, Ebert and Kesselheim (arXiv 2510.03871).
+
+Read top to bottom: helpers (RMSNorm, RoPE, masks), attention, MLP, block, the HF base model, and
+the causal LM head with loss and generation.
+
+The idea: put a parameter-free RMSNorm in front of *every* linear layer, so each matrix always
+sees inputs of RMS 1. Then the operator norms Scion controls (RMS->RMS for hidden matrices,
+l1->RMS for the embedding, RMS->inf for the head) bound the size of every activation, and a step
+of a given norm has the same effect at every width and depth. Concretely (SPEC section 2):
+
+    x_attn = norm(x)                    -> Wq, Wk, Wv
+    q, k, v = norm per head (head_dim)  (q, k before RoPE)
+    y = SDPA(q, k, v), heads concatenated
+    x = x + Wo(norm(y))
+    x = x + W2(norm(silu(W1 norm(x)) * W3 norm(x)))
+    logits = head(norm(x))
+
+No norm has a gain and no linear layer has a bias: the only parameters are the embedding, the
+hidden matrices and the head, i.e. exactly the three Scion roles. Embedding and head are untied.
+
+This file must keep importing only torch, transformers and its sibling configuration file (see
+configuration_norm_gpt.py for why).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_norm_gpt import NormGPTConfig
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def rms_norm(x, eps):
+    """Parameter-free RMSNorm over the last dimension, computed in float32.
+
+    Upcasting keeps bf16 models numerically safe (the mean of squares is taken in float32) and
+    makes the result independent of the model dtype up to the final rounding.
+    """
+    return F.rms_norm(x.float(), (x.size(-1),), eps=eps).type_as(x)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """cos/sin tables for RoPE: positions [B, T] (B may be 1) -> [B, T, 1, head_dim/2].
+
+    Computed on the fly from position_ids (cheap: B*T*head_dim/2 values) rather than cached in a
+    buffer, so the model has no non-persistent buffers that meta-device construction or
+    `from_pretrained` would have to re-create.
+    """
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = theta**-exponent
+    angles = position_ids.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    return angles.cos()[:, :, None, :].to(dtype), angles.sin()[:, :, None, :].to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + head_dim/2) of x [B, T, H, head_dim] by the position angle.
+
+    A rotation preserves the L2 norm of each head vector, so q and k keep RMS 1 after RoPE.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def build_attention_mask(attention_mask, past_len, q_len, device):
+    """Return (mask, is_causal) for `F.scaled_dot_product_attention`.
+
+    We build masks ourselves instead of using transformers' mask helpers, whose signatures differ
+    between 4.x and 5.x. Three cases:
+    - no padding and no cache: `is_causal=True`, SDPA's fast path;
+    - no padding, one new token after a cache: no mask at all (it may see every cached key);
+    - otherwise an explicit boolean [B or 1, 1, q_len, past_len + q_len] mask. SDPA's is_causal
+      aligns the triangle top-left, which is wrong once q_len != kv_len (chunked prefill), so
+      the cache case always gets an explicit bottom-right-aligned triangle.
+    """
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError("NormGPT takes a 2-D padding mask [batch, past + new tokens] (1 = token, 0 = padding)")
+        if bool(attention_mask.all()):  # all ones: no padding, take the fast paths
+            attention_mask = None
+    if attention_mask is None:
+        if past_len == 0:
+            return None, True
+        if q_len == 1:
+            return None, False
+    kv_len = past_len + q_len
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # [1, 1, q_len, kv_len]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].bool()
+        # A padding query has no unmasked key at all. torch's CPU kernels return zeros for such a
+        # row, but a kernel that returns NaN would leak it into real tokens through 0 * NaN in
+        # later layers. Letting every query see itself keeps padding rows finite on any backend;
+        # real tokens already see themselves, so they are unaffected.
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask, False
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class NormGPTAttention(nn.Module):
+    """Causal self-attention with per-head q/k/v RMSNorm, RoPE and a norm before Wo."""
+
+    def __init__(self, config: NormGPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of the KV cache belongs to this layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.eps, self.qkv_norm, self.rope_theta = config.norm_eps, config.qkv_norm, config.rope_theta
+        d = config.d_model
+        self.wq = nn.Linear(d, self.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=True, past_key_values=None):
+        # x is already normalised by the block (the "block input before Wq/Wk/Wv" norm).
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qkv_norm:
+            # Per head over head_dim: every head's query, key and value has RMS 1, so attention
+            # logits are bounded by sqrt(head_dim) whatever the weights grow to.
+            q, k, v = rms_norm(q, self.eps), rms_norm(k, self.eps), rms_norm(v, self.eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
+        if past_key_values is not None:
+            # The cache stores post-RoPE keys and values and returns the whole history.
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            scale=1.0 / math.sqrt(self.head_dim),
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        # The concatenated heads are a sum of convex combinations of unit-RMS values; normalise
+        # again so Wo, like every other matrix, sees RMS-1 input.
+        return self.wo(rms_norm(y, self.eps))
+
+
+class NormGPTMLP(nn.Module):
+    """SwiGLU feed-forward with an RMSNorm on the gated product before W2."""
+
+    def __init__(self, config: NormGPTConfig):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.w1 = nn.Linear(config.d_model, config.ffn_hidden_size, bias=False)  # gate
+        self.w3 = nn.Linear(config.d_model, config.ffn_hidden_size, bias=False)  # up
+        self.w2 = nn.Linear(config.ffn_hidden_size, config.d_model, bias=False)  # down
+
+    def forward(self, x):
+        # x is already normalised by the block (the "block input before the FFN" norm).
+        return self.w2(rms_norm(F.silu(self.w1(x)) * self.w3(x), self.eps))
+
+
+class NormGPTBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block. Subclassing GradientCheckpointingLayer gives HF's activation
+    checkpointing: the hidden states are passed positionally so they flow through the checkpoint."""
+
+    def __init__(self, config: NormGPTConfig, layer_idx: int):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.attn = NormGPTAttention(config, layer_idx)
+        self.mlp = NormGPTMLP(config)
+        # "none": x + f(x). "depth": the authors' complete_p, x + f(x) / (2L) (see the config).
+        self.residual_scale = 1.0 if config.residual_scaling == "none" else 1.0 / (2 * config.n_layer)
+
+    def forward(self, hidden_states, cos=None, sin=None, attn_mask=None, is_causal=True, past_key_values=None):
+        x = hidden_states
+        x = x + self.residual_scale * self.attn(rms_norm(x, self.eps), cos, sin, attn_mask, is_causal, past_key_values)
+        x = x + self.residual_scale * self.mlp(rms_norm(x, self.eps))
+        return x
+
+
+# ----------------------------------------------------------------------------- HF models
+
+
+class NormGPTPreTrainedModel(PreTrainedModel):
+    config_class = NormGPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NormGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True  # we always call F.scaled_dot_product_attention directly
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Scion-consistent init: every parameter starts on the unit sphere of its norm.
+
+        - embedding [vocab, d]: every row (token vector) has RMS `init_embed_rms`;
+        - hidden matrices [d_out, d_in]: semi-orthogonal * sqrt(d_out/d_in), i.e. every singular
+          value is sqrt(d_out/d_in) and the RMS->RMS operator norm is exactly `init_hidden_gain`;
+        - head [vocab, d]: every row has L2 norm `init_head_rms_inf / sqrt(d)`, so the RMS->inf
+          operator norm sqrt(d) * max_i ||W[i, :]|| equals `init_head_rms_inf`.
+        No depth-dependent down-scaling (the authors' default).
+        """
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (nn.Embedding, nn.Linear)) or weight is None:
+            return
+        # Placeholders have nothing to initialise: meta tensors (shape-only construction) and empty
+        # ZeRO-3 partitions. (Weights loaded by from_pretrained never get here: transformers skips
+        # modules whose parameters all came from the checkpoint, and ours have one parameter each.)
+        if weight.is_meta or weight.numel() == 0:
+            return
+        cfg = self.config
+        w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        if isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(w)
+            w *= cfg.init_embed_rms * math.sqrt(w.shape[1]) / w.norm(dim=1, keepdim=True)
+        elif module is getattr(self, "lm_head", None):
+            torch.nn.init.normal_(w)
+            w *= cfg.init_head_rms_inf / math.sqrt(w.shape[1]) / w.norm(dim=1, keepdim=True)
+        else:
+            torch.nn.init.orthogonal_(w)  # float32 QR: orthogonal_ does not support bf16
+            d_out, d_in = w.shape
+            w *= cfg.init_hidden_gain * math.sqrt(d_out / d_in)
+        weight.copy_(w)
+
+
+class NormGPTModel(NormGPTPreTrainedModel):
+    """Embedding, blocks and final norm; returns the normalised last hidden state."""
+
+    def __init__(self, config: NormGPTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(NormGPTBlock(config, i) for i in range(config.n_layer))
+        self.gradient_checkpointing = False  # flipped by gradient_checkpointing_enable(), like the blocks' flag
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,  # e.g. cache_position from transformers 4.x generate(); positions come from the cache
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+
+        if use_cache is None:
+            # By default cache only at inference: in training the cache would just keep every
+            # layer's keys and values alive until the caller drops the output.
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputation would append to the cache a second time
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not legacy tuples")
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if position_ids is None:
+            # Positions continue after the cache. Rows of a left-padded batch need no offsets of
+            # their own: RoPE scores depend only on the distance between query and key.
+            position_ids = torch.arange(past_len, past_len + T, device=x.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None, :]
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        attn_mask, is_causal = build_attention_mask(attention_mask, past_len, T, x.device)
+
+        for layer in self.layers:
+            x = layer(x, cos=cos, sin=sin, attn_mask=attn_mask, is_causal=is_causal, past_key_values=past_key_values)
+        x = rms_norm(x, self.config.norm_eps)  # final norm before the head
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+
+
+class NormGPTForCausalLM(NormGPTPreTrainedModel, GenerationMixin):
+    """NormGPTModel plus an untied linear head. Works with generate(), Trainer and the Auto classes."""
+
+    def __init__(self, config: NormGPTConfig):
+        super().__init__(config)
+        self.model = NormGPTModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        return_dict=None,
+        **kwargs,
+    ):
+        """Logits for the (last `logits_to_keep`, 0 = all) positions; with `labels` (same shape as
+        input_ids, -100 = ignore) also the next-token loss. Labels are shifted inside the loss, as in
+        every HF causal LM. Extra keyword arguments such as Trainer's `num_items_in_batch` go to
+        `self.loss_function`, which then normalises by that count instead of the local mean."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden = outputs.last_hidden_state
+        # Generation asks for the last position only; skipping the other rows of the vocab-wide
+        # matmul is the single largest saving there.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return output.to_tuple() if return_dict is False else output
+
+
+__all__ = ["NormGPTPreTrainedModel", "NormGPTModel", "NormGPTForCausalLM"]
