@@ -318,14 +318,22 @@ def _matrix_lmo(
     return updates
 
 
-def _slice_index(norm: SeparableNorm, shape: tuple[int, ...], frag: Fragment, device: torch.device) -> torch.Tensor:
-    """For each entry of a fragment, the index of its row / column / tensor statistic."""
-    flat_index = torch.arange(frag.start, frag.start + frag.numel, device=device)
-    if norm.axis == "row":
-        return flat_index // shape[-1]
-    if norm.axis == "col":
-        return flat_index % shape[-1]
-    return torch.zeros_like(flat_index)
+def _row_pieces(frag: Fragment, cols: int) -> list[tuple[int, int, int, int]]:
+    """Split a fragment of a row-major ``[rows, cols]`` matrix into rectangular pieces
+    ``(offset in fragment, first row, number of rows, first column, number of columns)``: a partial
+    first row, the whole rows in the middle, a partial last row."""
+    pieces, pos, end = [], frag.start, frag.start + frag.numel
+    while pos < end:
+        row, col = divmod(pos, cols)
+        if col == 0 and end - pos >= cols:
+            nrows = (end - pos) // cols
+            pieces.append((pos - frag.start, row, nrows, 0, cols))
+            pos += nrows * cols
+        else:
+            width = min(cols - col, end - pos)
+            pieces.append((pos - frag.start, row, 1, col, width))
+            pos += width
+    return pieces
 
 
 def _stat_shape(norm: SeparableNorm, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -340,7 +348,10 @@ def _stat_shape(norm: SeparableNorm, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _separable_lmo(
     layout: Layout, norm: SeparableNorm, members: list[int], directions: dict[Fragment, torch.Tensor], stats: ExchangeStats
 ) -> dict[Fragment, torch.Tensor]:
-    """Sum squares per slice over local fragments, complete them with one all_reduce, rescale."""
+    """Sum squares per slice over local fragments, complete them with one all_reduce, rescale.
+
+    A fragment of a flattened ``[rows, cols]`` matrix is cut into rectangles (partial first row,
+    whole rows, partial last row), so sums and rescaling are plain reductions over 2-D views."""
     sizes = {m: max(1, _numel(_stat_shape(norm, layout.shapes[m]))) for m in members}
     offsets, total = {}, 0
     for m in members:
@@ -350,18 +361,42 @@ def _separable_lmo(
     device = sample.device if sample is not None else torch.device("cpu")
     sums = torch.zeros(total, dtype=torch.float32, device=device)
     local = [f for f in layout.local() if f.member in offsets]
-    index = {f: _slice_index(norm, layout.shapes[f.member], f, device) for f in local}
+    # Rectangles (offset, row, rows, col, cols); a whole-tensor norm sees one 1-row rectangle.
+    rects = {f: _row_pieces(f, layout.shapes[f.member][-1]) if norm.axis != "all" else [(0, 0, 1, 0, f.numel)]
+             for f in local}
+
+    def slot(f: Fragment, row: int, rows: int, col: int, cols: int) -> slice:
+        """Where a rectangle's statistics live in the member's stretch of ``sums``."""
+        base = offsets[f.member]
+        if norm.axis == "row":
+            return slice(base + row, base + row + rows)
+        if norm.axis == "col":
+            return slice(base + col, base + col + cols)
+        return slice(base, base + 1)
+
+    reduce_dim = {"row": 1, "col": 0, "all": None}[norm.axis]
     for f in local:
-        sums[offsets[f.member] : offsets[f.member] + sizes[f.member]].index_add_(0, index[f], directions[f].float().square())
+        for o, row, rows, col, cols in rects[f]:
+            sq = directions[f][o : o + rows * cols].view(rows, cols).float().square()
+            sums[slot(f, row, rows, col, cols)] += sq.sum() if reduce_dim is None else sq.sum(dim=reduce_dim)
     if layout.world_size > 1 and not layout.replicated:
         stats.all_reduce_calls += 1
+        stats.bytes_sent += sums.numel() * sums.element_size()
         dist.all_reduce(sums, group=layout.group)
+    factors = torch.empty_like(sums)
+    for m in {f.member for f in local}:
+        stretch = slice(offsets[m], offsets[m] + sizes[m])
+        completed = sums[stretch].view(_stat_shape(norm, layout.shapes[m]))
+        factors[stretch] = norm.factor(completed, layout.shapes[m]).reshape(-1)
     updates = {}
     for f in local:
-        shape = layout.shapes[f.member]
-        completed = sums[offsets[f.member] : offsets[f.member] + sizes[f.member]].view(_stat_shape(norm, shape))
-        factor = norm.factor(completed, shape).reshape(-1)
-        updates[f] = (directions[f].float() * factor[index[f]]).to(directions[f].dtype)
+        d = directions[f]
+        out = torch.empty_like(d)
+        for o, row, rows, col, cols in rects[f]:
+            scale = factors[slot(f, row, rows, col, cols)]
+            scale = scale.unsqueeze(1) if norm.axis == "row" else scale
+            out[o : o + rows * cols].view(rows, cols).copy_(d[o : o + rows * cols].view(rows, cols).float() * scale)
+        updates[f] = out
     return updates
 
 

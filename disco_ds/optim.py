@@ -283,10 +283,12 @@ class Scion(torch.optim.Optimizer):
         out = distributed_lmo(layout, self.norm_of(group), directions, comm_dtype=self.comm_dtype,
                               max_numel_per_rank=self.max_gather_numel, stats=self.stats,
                               member_keys=[self._key(p) for p in sg_members], on_gathered=self.on_gathered)
-        update = torch.zeros_like(flat)
-        for f, u in out.items():
-            update.narrow(0, f.offset, f.numel).copy_(u)
-        self._apply(group, flat, update)
+        lr = float(group["lr"])
+        decay = 1.0 - lr * float(group["weight_decay"])
+        if decay != 1.0:
+            flat.mul_(decay)
+        for f, u in out.items():  # padding entries of the partition get no update
+            flat.narrow(0, f.offset, f.numel).add_(u.to(flat.dtype), alpha=-lr * float(group["scale"]))
         return True
 
     def _flat_layout(self, flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layout, list[torch.Tensor]]:
