@@ -30,6 +30,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_orthogonalize.py
+	$(PY) benchmarks/bench_norm_gpt.py
+	$(PY) benchmarks/bench_zero_step.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -155,7 +155,7 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 from disco_ds import Scion, scion_param_groups  # noqa: E402
-from disco_ds.distributed import Layout, zero3_layout, zero12_layout  # noqa: E402
+from disco_ds.distributed import Layout, shutdown_and_exit, zero3_layout, zero12_layout  # noqa: E402
 from disco_ds.norms import lmo_many, make_norm  # noqa: E402
 from disco_ds.optim import SCION_GROUP_DEFAULTS  # noqa: E402
 
@@ -611,13 +611,7 @@ def main() -> None:
         result["config"] = cfg
         with open(out_path, "w") as fh:
             json.dump(result, fh, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-    # gloo on CPU sometimes aborts in its destructors after all work is done; the result is
-    # written, so leave without running them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    shutdown_and_exit()
 
 
 if __name__ == "__main__":

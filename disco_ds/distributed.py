@@ -19,9 +19,11 @@ member and updates travel from owners to everybody (an all-gather).
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,7 @@ __all__ = [
     "plan_rounds",
     "distributed_lmo",
     "ExchangeStats",
+    "shutdown_and_exit",
 ]
 
 
@@ -444,3 +447,18 @@ def distributed_lmo(
         return {f: norm.lmo_elements(d, layout.shapes[f.member]) for f, d in directions.items()}
     raise TypeError(f"Scion: norm {type(norm).__name__} is not a MatrixNorm, SeparableNorm or ElementwiseNorm; "
                     "the distributed optimizer cannot apply it to sharded parameters")
+
+
+def shutdown_and_exit(code: int = 0) -> NoReturn:
+    """End a launched rank cleanly: barrier, destroy the process group, exit with ``code``.
+
+    gloo on CPU sometimes aborts in its destructors after all work is done, which would turn a
+    finished run into a failed one; the process therefore leaves without running them, after
+    flushing its output. Call it last, once results are written.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

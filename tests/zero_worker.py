@@ -24,6 +24,7 @@ import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from disco_ds import Scion, ScionLight, scion_param_groups
+from disco_ds.distributed import shutdown_and_exit
 
 VOCAB, WIDTH, HIDDEN, SEQ = 37, 12, 20, 5
 
@@ -141,13 +142,7 @@ def main() -> None:
     dist.all_gather_object(records, record)
     if rank == 0:
         torch.save({"params": params, "ranks": records}, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
-    # gloo on CPU sometimes aborts in its destructors after all work is done; the results are
-    # written, so leave without running them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    shutdown_and_exit()
 
 
 if __name__ == "__main__":
