@@ -267,7 +267,7 @@ def _matrix_lmo(
     """Route matrix fragments to owners, orthogonalise there once, route update fragments back."""
     costs = {m: matrix_cost(norm, layout.shapes[m]) for m in members}
     owners = assign_owners(layout, members, costs)
-    me, world = layout.rank, layout.world_size
+    me = layout.rank
     updates: dict[Fragment, torch.Tensor] = {}
     sample = next(iter(directions.values()), None)
     device = sample.device if sample is not None else torch.device("cpu")

@@ -23,8 +23,11 @@ unsharded tensors, so its content does not depend on how the saving job was shar
   none in a group with ``momentum = 1``);
 * ``param_groups``: each Scion group's hyperparameters (``lr``, ``momentum``, ``norm``, ...) with
   the names of its parameters, which is how groups are matched on load;
-* ``global_steps``, ``global_samples``, ``skipped_steps`` of the engine, Scion's step counter, and
-  the engine's LR scheduler state (when it has one).
+* ``global_steps``, ``global_samples``, ``skipped_steps`` of the engine, Scion's ``steps`` counter
+  (it counts ``step()`` calls, which DeepSpeed makes once per group or sub-group under ZeRO, so
+  only "has stepped" carries meaning across stages), and the engine's LR scheduler state (when it
+  has one; the file is read with ``torch.load(weights_only=True)``, so that state must hold plain
+  values).
 
 How it works at each stage (every call is collective: all ranks of the job must call it):
 
@@ -55,7 +58,15 @@ Two DeepSpeed 0.19.8 quirks are worked around here (see the functions' comments)
   the world size, because they cut the unpadded full tensor at padded offsets. The local
   ``safe_set_local_*`` helpers are used with a zero-padded slice instead.
 
-Not covered: fp16 dynamic loss-scaler state (bf16 and fp32 have none), data-loader / sampler
+Usage (every rank)::
+
+    save_portable(engine, optimizer, "run/step1000.portable")      # W=64, ZeRO-3
+    ...                                                              # new job, W=48, ZeRO-2
+    engine, *_ = deepspeed.initialize(model=model, optimizer=Scion(groups), config=cfg)
+    load_portable(engine, engine.optimizer, "run/step1000.portable")
+    # continue from engine.global_steps with the same global batch size
+
+Not covered: tensor, pipeline or sequence parallelism (refused), fp16 dynamic loss-scaler state (bf16 and fp32 have none), data-loader / sampler
 state, client state, NVMe-offloaded optimizer state (ZeRO-Infinity swapping).
 """
 
@@ -87,6 +98,9 @@ class _Layout:
     """Where Scion's fp32 masters and momentum live in one engine (built identically on every rank)."""
 
     def __init__(self, engine: Any, optimizer: Any) -> None:
+        if getattr(engine, "mpu", None) is not None or int(getattr(engine, "sequence_parallel_size", 1) or 1) > 1:
+            raise NotImplementedError("disco_ds.reshard: only pure data parallelism is supported (no tensor, "
+                                      "pipeline or sequence parallelism: their shards are not full tensors)")
         self.engine = engine
         self.scion = _find_scion(optimizer if optimizer is not None else engine.optimizer)
         self.wrapper = engine.optimizer
@@ -287,11 +301,15 @@ def load_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str], *, 
     """Restore a :func:`save_portable` file into a freshly initialised engine, at any world size or stage.
 
     Call it on every rank, after ``deepspeed.initialize`` and before the first training step (every
-    rank reads ``path``, so it must be visible to all of them). It sets the fp32 master weights and
-    the model's own (bf16 or fp32) weights, Scion's ``exp_avg`` momentum (zeros for a parameter
-    saved without one, which is what Scion's first step would create), every Scion group's
-    hyperparameters, Scion's step counter, the engine's ``global_steps`` / ``global_samples`` /
-    ``skipped_steps`` and the LR scheduler state. The next ``engine.step()`` continues the saved run.
+    rank reads ``path``, so it must be visible to all of them). The data-parallel world size and
+    the ZeRO stage may differ from the saving job's; keep the global batch size (micro-batch ·
+    accumulation · world size) for the run to continue as it would have.
+
+    It sets the fp32 master weights and the model's own (bf16 or fp32) weights, Scion's
+    ``exp_avg`` momentum (zeros for a parameter saved without one, which is what Scion's first
+    step would create), every Scion group's hyperparameters, Scion's step counter, the engine's
+    ``global_steps`` / ``global_samples`` / ``skipped_steps`` and the LR scheduler state. The next
+    ``engine.step()`` continues the saved run.
 
     Args:
         engine: the new ``deepspeed.DeepSpeedEngine`` (same model and Scion param groups as the saver).

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import disco_ds
 from disco_ds import Scion, scion_param_groups
 from disco_ds.norms import RowNorm, Spectral, TokenRMS
 from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
