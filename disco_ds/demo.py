@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     data = stdlib_bytes(4_000_000)
     split = int(0.95 * len(data))
     train, val = data[:split], data[split:]
-    config = NormGPTConfig.from_preset("tiny", vocab_size=256, max_position_embeddings=args.seq)
+    config = NormGPTConfig.from_preset("tiny", vocab_size=256, max_position_embeddings=max(args.seq, 256))
     model = NormGPTForCausalLM(config)
     print(config.describe())
     groups = scion_param_groups(model, lr=args.lr)
