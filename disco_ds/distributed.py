@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -211,6 +212,10 @@ class ExchangeStats:
     bytes_sent: int = 0
     all_to_all_calls: int = 0
     all_reduce_calls: int = 0
+    comm_seconds: float = 0.0
+    """Wall time inside the optimizer's collectives (includes waiting for the slowest rank)."""
+    ns_seconds: float = 0.0
+    """Wall time of the matrix LMOs (Newton–Schulz) this rank ran."""
     per_member: dict[Any, int] = field(default_factory=dict)
 
 
@@ -222,7 +227,9 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_
     stats.all_to_all_calls += 1
     stats.elements_sent += sum(in_splits) - in_splits[layout.rank]
     stats.bytes_sent += (sum(in_splits) - in_splits[layout.rank]) * inp.element_size()
+    start = time.perf_counter()
     dist.all_to_all_single(out, inp, out_splits, in_splits, group=layout.group)
+    stats.comm_seconds += time.perf_counter() - start
 
 
 def _exchange(
@@ -296,7 +303,9 @@ def _matrix_lmo(
             for m in mine:
                 on_gathered(member_keys[m], full[m].view(layout.shapes[m]))
         # The LMO (Newton–Schulz), once per owned matrix, batched by shape.
+        start = time.perf_counter()
         owned = lmo_many(norm, [full[m].view(layout.shapes[m]) for m in mine])
+        stats.ns_seconds += time.perf_counter() - start
         for m in mine:
             stats.per_member[member_keys[m]] = stats.per_member.get(member_keys[m], 0) + 1
         stats.matrices_orthogonalized += len(mine)
@@ -385,7 +394,9 @@ def _separable_lmo(
     if layout.world_size > 1 and not layout.replicated:
         stats.all_reduce_calls += 1
         stats.bytes_sent += sums.numel() * sums.element_size()
+        start = time.perf_counter()
         dist.all_reduce(sums, group=layout.group)
+        stats.comm_seconds += time.perf_counter() - start
     factors = torch.empty_like(sums)
     for m in {f.member for f in local}:
         stretch = slice(offsets[m], offsets[m] + sizes[m])

@@ -19,6 +19,7 @@ parameter. Either way the momentum stays where the gradient is (flat and sharded
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -248,8 +249,10 @@ class Scion(torch.optim.Optimizer):
         directions = [self._direction(p, group) for p in params]
         norm = self.norm_of(group)
         if dp_group is None:
+            start = time.perf_counter()
             updates = lmo_many(norm, directions)
             if isinstance(norm, MatrixNorm):
+                self.stats.ns_seconds += time.perf_counter() - start
                 self.stats.matrices_orthogonalized += len(params)
                 for key in keys:
                     self.stats.per_member[key] = self.stats.per_member.get(key, 0) + 1

@@ -269,3 +269,17 @@ def test_ds_shape_is_used_for_validation() -> None:
         q = nn.Parameter(torch.empty(16, 8))
         q.ds_shape = torch.Size([128])
         Scion([{"params": [q], "norm": "spectral"}], lr=0.1)
+
+
+def test_single_process_counters() -> None:
+    """Each matrix orthogonalised once per step; LMO time recorded; no communication."""
+    params, cfgs = make_problem()
+    opt = Scion(build_groups(params, cfgs))
+    for step_grads in random_grads(params, 2):
+        for p, g in zip(params, step_grads):
+            p.grad = g
+        opt.step()
+    matrices = sum(1 for c in cfgs if c["norm"] in ("spectral", "conv_spectral", "spectral_max"))
+    assert opt.stats.matrices_orthogonalized == 2 * matrices
+    assert opt.steps == 2 and opt.stats.ns_seconds > 0
+    assert opt.stats.all_to_all_calls == 0 and opt.stats.bytes_sent == 0

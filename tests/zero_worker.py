@@ -133,6 +133,8 @@ def main() -> None:
         "bytes_sent": stats.bytes_sent,
         "all_to_all_calls": stats.all_to_all_calls,
         "rounds": stats.rounds,
+        "comm_seconds": stats.comm_seconds,
+        "ns_seconds": stats.ns_seconds,
         "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
         "optimizer_steps": opt.steps,
         "local_weights": local_weights,
