@@ -279,14 +279,17 @@ def _matrix_lmo(
     sample = next(iter(directions.values()), None)
     device = sample.device if sample is not None else torch.device("cpu")
     work_dtype = sample.dtype if sample is not None else torch.float32
+    whole_local = {f.member: f for f in layout.local() if f.start == 0 and f.numel == layout.numel(f.member)}
 
     for round_members in plan_rounds(layout, owners, max_numel_per_rank):
         stats.rounds += 1
         in_round = set(round_members)
         mine = [m for m in round_members if owners[m] == me]
         # Full matrices this rank owns, in the working dtype: local fragments keep full precision,
-        # only what crosses the network goes through comm_dtype.
-        full = {m: torch.empty(layout.numel(m), dtype=work_dtype, device=device) for m in mine}
+        # only what crosses the network goes through comm_dtype. A matrix held whole in one local
+        # fragment (one process, replicas, ZeRO-1/2 locality) is used in place, without a copy.
+        full = {m: directions[whole_local[m]] if m in whole_local else torch.empty(layout.numel(m), dtype=work_dtype, device=device)
+                for m in mine}
 
         # Forward: each rank sends its fragments of matrices owned elsewhere (and not held whole there).
         def to_owner(src: int, dst: int) -> list[Fragment]:
@@ -296,7 +299,7 @@ def _matrix_lmo(
         for f, values in _exchange(layout, to_owner, directions.__getitem__, comm_dtype, device, stats):
             full[f.member][f.start : f.start + f.numel] = values.to(work_dtype)
         for f in layout.local():
-            if f.member in full:
+            if f.member in full and f.member not in whole_local:
                 full[f.member][f.start : f.start + f.numel] = directions[f]
 
         if on_gathered is not None:

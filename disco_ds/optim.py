@@ -19,7 +19,6 @@ parameter. Either way the momentum stays where the gradient is (flat and sharded
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import nn
 import torch.distributed as dist
 
 from disco_ds.distributed import ExchangeStats, Layout, distributed_lmo, replicated_layout, zero3_layout, zero12_layout
-from disco_ds.norms import NORMS, MatrixNorm, Norm, lmo_many, make_norm
+from disco_ds.norms import NORMS, Norm, make_norm
 
 __all__ = ["Scion", "ScionLight", "SCION_GROUP_DEFAULTS"]
 
@@ -219,13 +218,18 @@ class Scion(torch.optim.Optimizer):
         self.steps += int(stepped)
         return loss
 
+    @staticmethod
+    def _decay_and_step(group: dict[str, Any]) -> tuple[float, float]:
+        """``(1 − lr·wd, lr·ρ)`` of SPEC 1.1's ``p ← (1 − lr·wd)·p − lr·ρ·u``."""
+        lr = float(group["lr"])
+        return 1.0 - lr * float(group["weight_decay"]), lr * float(group["scale"])
+
     def _apply(self, group: dict[str, Any], p: torch.Tensor, u: torch.Tensor) -> None:
         """``p ← (1 − lr·wd)·p − lr·ρ·u``."""
-        lr = float(group["lr"])
-        decay = 1.0 - lr * float(group["weight_decay"])
+        decay, step_size = self._decay_and_step(group)
         if decay != 1.0:
             p.mul_(decay)
-        p.add_(u.to(p.dtype), alpha=-lr * float(group["scale"]))
+        p.add_(u.to(p.dtype), alpha=-step_size)
         self._after_update(p, group)
 
     def _data_parallel_group(self) -> Any:
@@ -247,25 +251,17 @@ class Scion(torch.optim.Optimizer):
             # gradients to create optimizer state; that is not an optimizer step.
             return False
         directions = [self._direction(p, group) for p in params]
-        norm = self.norm_of(group)
-        if dp_group is None:
-            start = time.perf_counter()
-            updates = lmo_many(norm, directions)
-            if isinstance(norm, MatrixNorm):
-                self.stats.ns_seconds += time.perf_counter() - start
-                self.stats.matrices_orthogonalized += len(params)
-                for key in keys:
-                    self.stats.per_member[key] = self.stats.per_member.get(key, 0) + 1
-        else:
-            layout_key = ("replicated", tuple(id(p) for p in params))
-            if layout_key not in self._layouts:
-                self._layouts[layout_key] = replicated_layout(params, dp_group)
-            layout = self._layouts[layout_key]
-            fragments = layout.local()
-            out = distributed_lmo(layout, norm, {f: d.reshape(-1) for f, d in zip(fragments, directions)},
-                                  comm_dtype=self.comm_dtype, max_numel_per_rank=self.max_gather_numel,
-                                  stats=self.stats, member_keys=keys, on_gathered=self.on_gathered)
-            updates = [out[f].view(p.shape) for f, p in zip(fragments, params)]
+        # One process is the world-size-1 case of the replicated layout: the same owner engine
+        # (and the same exactly-once counters) serves one process, DDP and ZeRO stage 0.
+        layout_key = ("replicated", id(dp_group), tuple(id(p) for p in params))
+        if layout_key not in self._layouts:
+            self._layouts[layout_key] = replicated_layout(params, dp_group)
+        layout = self._layouts[layout_key]
+        fragments = layout.local()
+        out = distributed_lmo(layout, self.norm_of(group), {f: d.reshape(-1) for f, d in zip(fragments, directions)},
+                              comm_dtype=self.comm_dtype, max_numel_per_rank=self.max_gather_numel,
+                              stats=self.stats, member_keys=keys, on_gathered=self.on_gathered)
+        updates = [out[f].view(p.shape) for f, p in zip(fragments, params)]
         for p, u in zip(params, updates):
             self._apply(group, p, u)
         return bool(params)
@@ -286,12 +282,11 @@ class Scion(torch.optim.Optimizer):
         out = distributed_lmo(layout, self.norm_of(group), directions, comm_dtype=self.comm_dtype,
                               max_numel_per_rank=self.max_gather_numel, stats=self.stats,
                               member_keys=[self._key(p) for p in sg_members], on_gathered=self.on_gathered)
-        lr = float(group["lr"])
-        decay = 1.0 - lr * float(group["weight_decay"])
+        decay, step_size = self._decay_and_step(group)
         if decay != 1.0:
             flat.mul_(decay)
         for f, u in out.items():  # padding entries of the partition get no update
-            flat.narrow(0, f.offset, f.numel).add_(u.to(flat.dtype), alpha=-lr * float(group["scale"]))
+            flat.narrow(0, f.offset, f.numel).add_(u.to(flat.dtype), alpha=-step_size)
         return True
 
     def _flat_layout(self, flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layout, list[torch.Tensor]]:
