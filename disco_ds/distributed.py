@@ -43,6 +43,7 @@ __all__ = [
     "distributed_lmo",
     "ExchangeStats",
     "shutdown_and_exit",
+    "logical_shape",
 ]
 
 
@@ -90,6 +91,12 @@ class Layout:
         return self._whole[member]
 
 
+def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's real shape: under ZeRO-3 (``zero.Init``) ``p.shape`` is a flat placeholder and
+    DeepSpeed keeps the real one in ``ds_shape``."""
+    return tuple(int(s) for s in getattr(p, "ds_shape", p.shape))
+
+
 def _group_rank_and_size(group: Any) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
@@ -114,7 +121,7 @@ def zero12_layout(members: list[torch.Tensor]) -> Layout:
         dist.all_gather_object(tables, local, group=group)
     else:
         tables = [local]
-    shapes = [tuple(int(s) for s in getattr(p, "ds_shape", p.shape)) for p in members]
+    shapes = [logical_shape(p) for p in members]
     fragments = [sorted((Fragment(*t) for t in table), key=lambda f: (f.member, f.start)) for table in tables]
     return Layout(shapes=shapes, fragments=fragments, group=group, rank=rank)
 
@@ -142,7 +149,7 @@ def zero3_layout(flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layou
             if n > 0:
                 fragments[r].append(Fragment(i, r * pn, n, offset))
         offset += pn
-    shapes = [tuple(int(s) for s in p.ds_shape) for p in sg_members]
+    shapes = [logical_shape(p) for p in sg_members]
     return Layout(shapes=shapes, fragments=fragments, group=group, rank=rank), sg_members
 
 

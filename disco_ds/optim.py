@@ -27,7 +27,15 @@ from torch import nn
 
 import torch.distributed as dist
 
-from disco_ds.distributed import ExchangeStats, Layout, distributed_lmo, replicated_layout, zero3_layout, zero12_layout
+from disco_ds.distributed import (
+    ExchangeStats,
+    Layout,
+    distributed_lmo,
+    logical_shape,
+    replicated_layout,
+    zero3_layout,
+    zero12_layout,
+)
 from disco_ds.norms import NORMS, Norm, make_norm
 
 __all__ = ["Scion", "ScionLight", "SCION_GROUP_DEFAULTS"]
@@ -42,11 +50,6 @@ SCION_GROUP_DEFAULTS: dict[str, Any] = {
     "ns_method": "quintic",
 }
 """Defaults for a group's keys (``lr`` has none: every group must get one)."""
-
-
-def _param_shape(p: torch.Tensor) -> tuple[int, ...]:
-    # Under DeepSpeed ZeRO-3 (zero.Init) p.shape is a flat placeholder; ds_shape is the real one.
-    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def _group_label(index: int, group: dict[str, Any]) -> str:
@@ -156,7 +159,7 @@ class Scion(torch.optim.Optimizer):
             raise ValueError(f"{label}: scale (radius ρ) must be > 0, got {group['scale']!r}")
         norm = self.norm_of(group)
         for p in group["params"]:
-            shape = _param_shape(p)
+            shape = logical_shape(p)
             if len(shape) < norm.min_ndim:
                 raise ValueError(
                     f"{label}: norm {group['norm']!r} needs parameters with ≥ {norm.min_ndim} dims, got shape "

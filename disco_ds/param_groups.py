@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from disco_ds.distributed import logical_shape
 from disco_ds.norms import NORMS
 
 __all__ = ["ROLES", "DEFAULT_ROLE_NORMS", "EMBEDDING_NAME_PATTERN", "OUTPUT_NAME_PATTERN", "scion_param_groups", "classify_parameters"]
@@ -40,11 +41,6 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _is_transposed_linear(module: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D: a linear layer whose weight is stored [d_in, d_out].
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _shape(p: torch.Tensor) -> tuple[int, ...]:
-    # Under ZeRO-3 (zero.Init) p.shape is a flat placeholder; ds_shape holds the real one.
-    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def _hf_embedding(model: nn.Module, getter: str) -> torch.Tensor | None:
@@ -103,14 +99,14 @@ def classify_parameters(
             elif is_output:
                 role = "output"
             else:
-                ndim = len(_shape(p))
+                ndim = len(logical_shape(p))
                 if ndim == 2 or (ndim >= 3 and id(p) in conv_params):
                     role = "hidden"
                 elif ndim <= 1:
                     role = "vector"
                 else:
                     raise ValueError(
-                        f"cannot classify parameter {name!r} of shape {_shape(p)} for Scion: it is not 2-D, "
+                        f"cannot classify parameter {name!r} of shape {logical_shape(p)} for Scion: it is not 2-D, "
                         f"not a conv kernel and not a vector. Pass roles={{{name!r}: ROLE}} with ROLE in {list(ROLES)}"
                     )
         out[name] = (role, p)
@@ -182,7 +178,7 @@ def scion_param_groups(
     for name, (role, p) in classify_parameters(model, roles, tied_role).items():
         norm = norms[role]
         if role == "hidden" and norm == DEFAULT_ROLE_NORMS["hidden"]:
-            if len(_shape(p)) >= 3:
+            if len(logical_shape(p)) >= 3:
                 norm = "conv_spectral"
             elif id(p) in transposed:
                 norm = "spectral_transposed"

@@ -80,6 +80,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from disco_ds.distributed import logical_shape
 from disco_ds.optim import Scion
 
 __all__ = ["save_portable", "load_portable", "PORTABLE_FORMAT"]
@@ -189,10 +190,6 @@ def _collective() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _true_shape(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(int(s) for s in getattr(p, "ds_shape", p.shape))
-
-
 # --------------------------------------------------------------------------- save
 
 
@@ -240,9 +237,9 @@ def save_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str]) -> 
             weight = safe_get_full_fp32_param(p)
             exp_avg = safe_get_full_optimizer_state(p, MOMENTUM_KEY) if with_momentum else None
         if rank == 0:
-            params[name] = weight.detach().float().reshape(_true_shape(p)).cpu().clone()
+            params[name] = weight.detach().float().reshape(logical_shape(p)).cpu().clone()
             if exp_avg is not None:
-                momentum[name] = exp_avg.detach().float().reshape(_true_shape(p)).cpu().clone()
+                momentum[name] = exp_avg.detach().float().reshape(logical_shape(p)).cpu().clone()
 
     if rank == 0:
         groups = []
@@ -416,8 +413,8 @@ def _check_names_and_shapes(named: list[tuple[str, torch.Tensor]], saved: dict[s
         raise ValueError(f"disco_ds.reshard: parameter names differ from the checkpoint; missing: {missing}, "
                          f"unexpected: {unexpected} (pass strict=False to load the common ones)")
     for name, p in named:
-        if name in saved and tuple(saved[name].shape) != _true_shape(p):
-            raise ValueError(f"disco_ds.reshard: {name} has shape {_true_shape(p)} in the model but "
+        if name in saved and tuple(saved[name].shape) != logical_shape(p):
+            raise ValueError(f"disco_ds.reshard: {name} has shape {logical_shape(p)} in the model but "
                              f"{tuple(saved[name].shape)} in the checkpoint")
 
 
