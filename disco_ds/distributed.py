@@ -42,6 +42,7 @@ __all__ = [
     "plan_rounds",
     "distributed_lmo",
     "ExchangeStats",
+    "matrix_products",
     "shutdown_and_exit",
     "logical_shape",
 ]
@@ -223,6 +224,8 @@ class ExchangeStats:
     """Wall time inside the optimizer's collectives (includes waiting for the slowest rank)."""
     ns_seconds: float = 0.0
     """Wall time of the matrix LMOs (Newton–Schulz) this rank ran."""
+    step_seconds: float = 0.0
+    """Wall time of the optimizer's ``step()`` calls (communication and Newton–Schulz included)."""
     per_member: dict[Any, int] = field(default_factory=dict)
 
 
@@ -401,12 +404,7 @@ def _separable_lmo(
         for o, row, rows, col, cols in rects[f]:
             sq = directions[f][o : o + rows * cols].view(rows, cols).float().square()
             sums[slot(f, row, rows, col, cols)] += sq.sum() if reduce_dim is None else sq.sum(dim=reduce_dim)
-    if layout.world_size > 1 and not layout.replicated:
-        stats.all_reduce_calls += 1
-        stats.bytes_sent += sums.numel() * sums.element_size()
-        start = time.perf_counter()
-        dist.all_reduce(sums, group=layout.group)
-        stats.comm_seconds += time.perf_counter() - start
+    _sum_over_ranks(sums, layout, stats)
     factors = torch.empty_like(sums)
     for m in {f.member for f in local}:
         stretch = slice(offsets[m], offsets[m] + sizes[m])
@@ -422,6 +420,71 @@ def _separable_lmo(
             out[o : o + rows * cols].view(rows, cols).copy_(d[o : o + rows * cols].view(rows, cols).float() * scale)
         updates[f] = out
     return updates
+
+
+def _sum_over_ranks(buf: torch.Tensor, layout: Layout, stats: ExchangeStats) -> None:
+    """Complete per-rank partial sums (skipped where every rank already holds every member whole)."""
+    if layout.world_size > 1 and not layout.replicated:
+        stats.all_reduce_calls += 1
+        stats.bytes_sent += buf.numel() * buf.element_size()
+        start = time.perf_counter()
+        dist.all_reduce(buf, group=layout.group)
+        stats.comm_seconds += time.perf_counter() - start
+
+
+def matrix_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``[rows, cols]`` of a member seen as a matrix: first dimension by the rest; a vector is one row."""
+    rows = int(shape[0]) if len(shape) >= 2 else 1
+    return rows, max(1, _numel(shape)) // rows
+
+
+def matrix_products(
+    layout: Layout,
+    tensors: list[dict[Fragment, torch.Tensor]],
+    vectors: list[dict[int, torch.Tensor]],
+    *,
+    transpose: bool,
+    stats: ExchangeStats,
+) -> list[dict[int, torch.Tensor]]:
+    """Products of whole sharded matrices with vectors, from fragments and one ``all_reduce``.
+
+    Every member is seen as ``[rows, cols]`` (:func:`matrix_view_shape`). For each tensor set ``k``
+    (fragments of e.g. the weights and of the update) and each member ``m`` with a vector in
+    ``vectors[k]``: ``A @ v`` (``transpose=False``: ``v`` has ``cols`` entries; the row sums of
+    squares of ``A`` come along as a second row of the result, shape ``[2, rows]``) or ``Aᵀ @ v``
+    (``transpose=True``: ``v`` has ``rows`` entries, result ``[cols]``). Every rank of the group
+    must call this with the same members in ``vectors``.
+    """
+    slots: list[tuple[int, int, int]] = []  # (set, member, offset in the buffer)
+    total = 0
+    for k, per_member in enumerate(vectors):
+        for m in sorted(per_member):
+            rows, cols = matrix_view_shape(layout.shapes[m])
+            slots.append((k, m, total))
+            total += cols if transpose else 2 * rows
+    device = next((v.device for per_member in vectors for v in per_member.values()), torch.device("cpu"))
+    buf = torch.zeros(total, dtype=torch.float32, device=device)
+    offsets = {(k, m): o for k, m, o in slots}
+    for k, per_member in enumerate(tensors):
+        for f, values in per_member.items():
+            if (k, f.member) not in offsets:
+                continue
+            base = offsets[(k, f.member)]
+            rows, cols = matrix_view_shape(layout.shapes[f.member])
+            v = vectors[k][f.member].float()
+            for o, row, nrows, col, ncols in _row_pieces(f, cols):
+                piece = values[o : o + nrows * ncols].view(nrows, ncols).float()
+                if transpose:
+                    buf[base + col : base + col + ncols] += v[row : row + nrows] @ piece
+                else:
+                    buf[base + row : base + row + nrows] += piece @ v[col : col + ncols]
+                    buf[base + rows + row : base + rows + row + nrows] += piece.square().sum(dim=1)
+    _sum_over_ranks(buf, layout, stats)
+    results: list[dict[int, torch.Tensor]] = [{} for _ in vectors]
+    for k, m, o in slots:
+        rows, cols = matrix_view_shape(layout.shapes[m])
+        results[k][m] = buf[o : o + cols] if transpose else buf[o : o + 2 * rows].view(2, rows)
+    return results
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -22,10 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
-from torch import nn
+import time
 
+import torch
 import torch.distributed as dist
+from torch import nn
 
 from disco_ds.distributed import (
     ExchangeStats,
@@ -36,6 +37,7 @@ from disco_ds.distributed import (
     zero3_layout,
     zero12_layout,
 )
+from disco_ds.monitor import NormMonitor, norm_kind
 from disco_ds.norms import NORMS, Norm, make_norm
 
 __all__ = ["Scion", "ScionLight", "SCION_GROUP_DEFAULTS"]
@@ -124,6 +126,11 @@ class Scion(torch.optim.Optimizer):
         """Number of ``step()`` calls that updated parameters (DeepSpeed may call once per group)."""
         self.on_gathered: Callable[[str, torch.Tensor], None] | None = None
         """If set, called at the owner with ``(parameter name, full momentum matrix)`` before its LMO."""
+        self.track_norms = False
+        """While true, every step measures the SPEC 4 norms of weights and updates per group (a few
+        small all-reduces); :meth:`pop_metrics` returns them. The training loop switches it on."""
+        self.monitor = NormMonitor()
+        self._mark = (0.0, 0.0, 0.0, 0)
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- validation
@@ -202,6 +209,7 @@ class Scion(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         stepped = False
+        start = time.perf_counter()
         for group in self.param_groups:
             params = group["params"]
             if not params:
@@ -219,7 +227,32 @@ class Scion(torch.optim.Optimizer):
                     "the optimizer wrapper around Scion is not supported"
                 )
         self.steps += int(stepped)
+        self.stats.step_seconds += time.perf_counter() - start
         return loss
+
+    def pop_metrics(self) -> dict[str, float]:
+        """What happened since the previous call (one optimizer step, when called once per step):
+
+        * ``optimizer/step_s``, ``optimizer/comm_s``, ``optimizer/newton_schulz_s``: wall time of
+          ``step()`` and the parts of it spent in collectives and in Newton–Schulz on this rank;
+          ``optimizer/bytes_sent``;
+        * while :attr:`track_norms` is on: ``norm/<group>/weight`` and ``norm/<group>/update``
+          (SPEC 4 norm per role: RMS→RMS hidden, ℓ1→RMS embedding, RMS→∞ output, RMS vectors; the
+          largest over the group's matrices) and ``effective_lr/<group>`` = ‖ΔW‖_F / ‖W‖_F.
+
+        Every rank gets the same norms; log them on rank 0.
+        """
+        s = self.stats
+        step_s, comm_s, ns_s, sent = self._mark
+        metrics = {
+            "optimizer/step_s": s.step_seconds - step_s,
+            "optimizer/comm_s": s.comm_seconds - comm_s,
+            "optimizer/newton_schulz_s": s.ns_seconds - ns_s,
+            "optimizer/bytes_sent": float(s.bytes_sent - sent),
+        }
+        self._mark = (s.step_seconds, s.comm_seconds, s.ns_seconds, s.bytes_sent)
+        metrics.update(self.monitor.pop())
+        return metrics
 
     @staticmethod
     def _decay_and_step(group: dict[str, Any]) -> tuple[float, float]:
@@ -234,6 +267,21 @@ class Scion(torch.optim.Optimizer):
             p.mul_(decay)
         p.add_(u.to(p.dtype), alpha=-step_size)
         self._after_update(p, group)
+
+    def _planned_deltas(self, group: dict[str, Any], weights: dict[Any, torch.Tensor], updates: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor] | None:
+        """ΔW = −lr·wd·W − lr·ρ·u of each fragment, before it is applied (only while tracking norms)."""
+        if not self.track_norms:
+            return None
+        decay, step_size = self._decay_and_step(group)
+        return {f: updates[f].float() * -step_size + w.float() * (decay - 1.0) for f, w in weights.items()}
+
+    def _measure(self, group: dict[str, Any], layout: Layout, keys: list[str], weights: dict[Any, torch.Tensor],
+                 deltas: dict[Any, torch.Tensor] | None) -> None:
+        if deltas is None:
+            return
+        label = str(group.get("role", group.get("name", f"group{group['scion_gid']}")))
+        norm = self.norm_of(group)
+        self.monitor.measure(label, norm_kind(group.get("role"), norm), norm, layout, keys, weights, deltas, self.stats)
 
     def _data_parallel_group(self) -> Any:
         if self.process_group is not None:
@@ -264,9 +312,10 @@ class Scion(torch.optim.Optimizer):
         out = distributed_lmo(layout, self.norm_of(group), {f: d.reshape(-1) for f, d in zip(fragments, directions)},
                               comm_dtype=self.comm_dtype, max_numel_per_rank=self.max_gather_numel,
                               stats=self.stats, member_keys=keys, on_gathered=self.on_gathered)
-        updates = [out[f].view(p.shape) for f, p in zip(fragments, params)]
-        for p, u in zip(params, updates):
-            self._apply(group, p, u)
+        deltas = self._planned_deltas(group, {f: p.reshape(-1) for f, p in zip(fragments, params)}, out)
+        for f, p in zip(fragments, params):
+            self._apply(group, p, out[f].view(p.shape))
+        self._measure(group, layout, keys, {f: p.reshape(-1) for f, p in zip(fragments, params)}, deltas)
         return bool(params)
 
     def _step_flat_partition(self, group: dict[str, Any], params: list[torch.Tensor], members: list[torch.Tensor]) -> bool:
@@ -285,11 +334,14 @@ class Scion(torch.optim.Optimizer):
         out = distributed_lmo(layout, self.norm_of(group), directions, comm_dtype=self.comm_dtype,
                               max_numel_per_rank=self.max_gather_numel, stats=self.stats,
                               member_keys=[self._key(p) for p in sg_members], on_gathered=self.on_gathered)
+        weights = {f: flat.narrow(0, f.offset, f.numel) for f in layout.local()}
+        deltas = self._planned_deltas(group, weights, out)
         decay, step_size = self._decay_and_step(group)
         if decay != 1.0:
             flat.mul_(decay)
         for f, u in out.items():  # padding entries of the partition get no update
-            flat.narrow(0, f.offset, f.numel).add_(u.to(flat.dtype), alpha=-step_size)
+            weights[f].add_(u.to(flat.dtype), alpha=-step_size)
+        self._measure(group, layout, [self._key(p) for p in sg_members], weights, deltas)
         return True
 
     def _flat_layout(self, flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layout, list[torch.Tensor]]:

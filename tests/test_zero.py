@@ -51,20 +51,34 @@ def run_workers(tmp_path: Path, world: int, **cfg) -> dict:
     return result
 
 
-def single_process(cfg: dict, world: int) -> dict[str, torch.Tensor]:
+def single_process(cfg: dict, world: int) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """Parameters after the run, and the monitored norms of every step."""
     model = build_model()
     opt = Scion(scion_param_groups(model, lr=cfg["lr"], momentum=cfg.get("momentum", 0.1),
                                    ns_method=cfg.get("ns_method", "quintic")))
+    opt.track_norms = cfg.get("track_norms", False)
+    metrics = []
     for batch in global_batches(cfg["steps"], cfg["micro_batch"] * cfg["accum"] * world):
         loss = model(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+        if opt.track_norms:
+            metrics.append({k: v for k, v in opt.pop_metrics().items() if not k.startswith("optimizer/")})
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
 
 
 def assert_matches_single_process(result: dict, world: int, atol: float) -> None:
-    expected = single_process(result["cfg"], world)
+    expected, metrics = single_process(result["cfg"], world)
+    if result["cfg"].get("track_norms"):
+        # The norms measured from fragments (SPEC 4, per group, every step) equal the single
+        # process's, and every rank holds the same numbers.
+        for rank in result["ranks"]:
+            assert len(rank["metrics"]) == len(metrics)
+            for got, ref in zip(rank["metrics"], metrics):
+                assert got.keys() == ref.keys()
+                for key in ref:
+                    assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
     for name, ref in expected.items():
         got = result["params"][name]
         assert got is not None, name
@@ -112,7 +126,8 @@ CASES = [
 
 @pytest.mark.parametrize("name,stage,world,accum,extra", CASES, ids=[c[0] for c in CASES])
 def test_fp32_transport_equals_single_process(tmp_path: Path, name: str, stage: int, world: int, accum: int, extra: dict) -> None:
-    result = run_workers(tmp_path, world, stage=stage, accum=accum, comm_dtype="float32", ns_method="svd", **extra)
+    result = run_workers(tmp_path, world, stage=stage, accum=accum, comm_dtype="float32", ns_method="svd",
+                         track_norms=True, **extra)
     assert_matches_single_process(result, world, atol=1e-5)
     assert_gathered_equals_deepspeed_full_grad(result, atol=1e-6)
     # The step's time is split into communication and Newton–Schulz (instrumentation counters).

@@ -91,7 +91,9 @@ def main() -> None:
     groups = scion_param_groups(model, lr=cfg["lr"], momentum=cfg.get("momentum", 0.1), ns_method=cfg.get("ns_method", "quintic"))
     opt = optimizer_class(groups, comm_dtype=getattr(torch, cfg.get("comm_dtype", "bfloat16")),
                           max_gather_numel=cfg.get("max_gather_numel", 1 << 27))
+    opt.track_norms = cfg.get("track_norms", False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    metrics: list[dict[str, float]] = []
     # Self-test hook: the owners' gathered momentum on step 1 is m·g; compare g with DeepSpeed's
     # own safe_get_full_grad taken after backward.
     gathered: dict[str, torch.Tensor] = {}
@@ -119,6 +121,8 @@ def main() -> None:
                     if p.dim() == 2 or len(getattr(p, "ds_shape", ())) == 2:
                         reference[name] = safe_get_full_grad(p).detach().clone().float()
             engine.step()
+        if opt.track_norms:
+            metrics.append({k: v for k, v in opt.pop_metrics().items() if not k.startswith("optimizer/")})
 
     params = {}
     for name, p in engine.module.named_parameters():
@@ -138,6 +142,7 @@ def main() -> None:
         "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
         "optimizer_steps": opt.steps,
         "local_weights": local_weights,
+        "metrics": metrics,
         # max |gathered/m − safe_get_full_grad| per matrix this rank owned on the first step
         "gathered_vs_deepspeed": {name: (full / cfg.get("momentum", 0.1) - reference[name].reshape(full.shape)).abs().max().item()
                                   for name, full in gathered.items() if name in reference},
