@@ -1,0 +1,319 @@
+"""The run configuration: typed dataclasses, loaded from a YAML recipe plus dotted overrides.
+
+    cfg = load_config("recipes/gpt-124m.yaml", ["train.micro_batch=16", "optimizer.name=adamw"])
+
+Every key is checked: an unknown key, a value of the wrong type or an impossible combination is a
+:class:`ConfigError` that names the key (and the accepted keys or values). :func:`to_dict` gives
+the resolved configuration that the trainer prints at start and saves with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "ScalingConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "RunConfig",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+]
+
+OPTIMIZERS = ("scion", "adamw")
+DECAY_SHAPES = ("linear", "sqrt", "cosine")
+NS_METHODS = ("quintic", "polar_express", "svd")
+COMM_DTYPES = ("bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """A configuration key that is unknown, mistyped or inconsistent (the message names it)."""
+
+
+@dataclass
+class ModelConfig:
+    """NormGPT: a size preset plus any :class:`~models.norm_gpt.NormGPTConfig` field."""
+
+    preset: str = "tiny"
+    """One of ``models.norm_gpt.PRESETS``: tiny, 124m, 350m, 760m, 1.3b, proxy."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """NormGPTConfig fields that replace the preset's (e.g. ``n_layer: 4``). ``vocab_size`` defaults
+    to the data's tokenizer rounded up to a multiple of 64."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Token shards written by ``disco_ds prepare`` (``train_*.bin``, ``val_*.bin``, ``meta.json``)."""
+
+    path: str = "data/stdlib-bytes"
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    """Scion (the product) or AdamW (the paper's baseline), with the same per-role learning rates."""
+
+    name: str = "scion"
+    lr: float | None = None
+    """η of the input and output layers; hidden layers get η·lr_ratios[1]. ``null``: derived from
+    the token budget by the scaling rules (see :class:`ScalingConfig`)."""
+    lr_ratios: list[float] = field(default_factory=lambda: [1.0, 0.125, 1.0])
+    """input : hidden : output (SPEC 3: 1 : 1/8 : 1)."""
+    vector_lr_ratio: float | None = None
+    """Learning-rate ratio of vectors (norm gains, biases); ``null``: the hidden ratio."""
+    momentum: float = 0.1
+    weight_decay: float = 0.0
+    ns_steps: int = 5
+    ns_method: str = "quintic"
+    comm_dtype: str = "bfloat16"
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adamw_eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    """Warmup–stable–decay: linear warmup, constant, then decay to ``min_lr_ratio``·lr."""
+
+    warmup: float = 0.02
+    """Fraction of the steps spent warming up."""
+    decay: float = 0.2
+    """Fraction of the steps (at the end) spent decaying."""
+    decay_shape: str = "linear"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class ScalingConfig:
+    """The η*/B* scaling rules (SPEC 3) and the anchor they are applied from.
+
+    ``B*(D) = anchor_batch_tokens · (D / anchor_tokens)^batch_exponent`` and
+    ``η*(B, D) = anchor_lr · (B / anchor_batch_tokens)^lr_batch_exponent · (D / anchor_tokens)^lr_tokens_exponent``.
+    Re-anchor a recipe by changing ``anchor_lr`` (one number) after a sweep at your own setting.
+    """
+
+    anchor_lr: float = 1e-2
+    anchor_batch_tokens: int = 131072
+    anchor_tokens: float = 8589934592.0
+    anchor_source: str = ""
+    batch_exponent: float = 0.45
+    lr_batch_exponent: float = 0.62
+    lr_tokens_exponent: float = -0.56
+
+
+@dataclass
+class TrainConfig:
+    tokens: float = 5e6
+    """Token budget D of the run; steps = D / B."""
+    global_batch_tokens: int | None = None
+    """Tokens per optimizer step B. ``null``: B*(D) from the scaling rules, rounded to whole
+    micro-batches on every rank."""
+    micro_batch: int = 8
+    """Sequences per rank per micro-step."""
+    max_steps: int | None = None
+    """Stop after this many steps (the schedule still spans the whole budget)."""
+    zero_stage: int = 2
+    bf16: bool = True
+    seed: int = 0
+    reference_world_size: int = 8
+    """Data-parallel size the recipe is sized for (what ``disco_ds recipe`` prints)."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON whose keys override the generated config."""
+    run_dir: str = "runs/{name}"
+    name: str = "run"
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0
+    """Steps between validation passes; 0: only at the end."""
+    tokens: int = 262144
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Steps between checkpoints; 0: only at the end."""
+    keep: int = 3
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint of the run, if any), ``none``, or a checkpoint path."""
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    norms_interval: int = 1
+    """Steps between measurements of the SPEC 4 norms (the output-layer norm by default every step)."""
+    wandb: bool = False
+    wandb_project: str = "disco_ds"
+    wandb_mode: str = "offline"
+    peak_tflops: float = 989.0
+    """Per-device peak for MFU (H100 SXM dense bf16)."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.train.run_dir.format(name=self.train.name))
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` converted to ``annotation`` where that is lossless (int → float), else an error."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, str):
+        # PyYAML reads exponent literals without a sign ("2.5e9") as strings.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key {dotted!r}; accepted keys: {', '.join(prefix + n for n in names)}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = from_dict(hints[key], value or {}, f"{dotted}.")
+        else:
+            kwargs[key] = _check_type(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved configuration as plain YAML-able dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to nested dicts."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        value = yaml.safe_load(raw) if raw != "" else None
+        if parts[-1] == "overrides" and isinstance(value, dict) and isinstance(node.get("overrides"), dict):
+            value = {**node["overrides"], **value}
+        node[parts[-1]] = value
+    return data
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Value ranges and combinations that cannot run (each error names its key)."""
+    o, s, t = cfg.optimizer, cfg.schedule, cfg.train
+    _require(o.name in OPTIMIZERS, "optimizer.name", f"{o.name!r} is not one of {list(OPTIMIZERS)}")
+    _require(o.ns_method in NS_METHODS, "optimizer.ns_method", f"{o.ns_method!r} is not one of {list(NS_METHODS)}")
+    _require(o.comm_dtype in COMM_DTYPES, "optimizer.comm_dtype", f"{o.comm_dtype!r} is not one of {list(COMM_DTYPES)}")
+    _require(len(o.lr_ratios) == 3 and all(r > 0 for r in o.lr_ratios), "optimizer.lr_ratios",
+             f"needs three positive numbers (input, hidden, output), got {o.lr_ratios}")
+    _require(o.lr is None or o.lr > 0, "optimizer.lr", f"must be positive or null, got {o.lr}")
+    _require(0 < o.momentum <= 1, "optimizer.momentum", f"must be in (0, 1] (Scion's m = 1 − β), got {o.momentum}")
+    _require(len(o.adamw_betas) == 2, "optimizer.adamw_betas", f"needs two numbers, got {o.adamw_betas}")
+    _require(s.decay_shape in DECAY_SHAPES, "schedule.decay_shape", f"{s.decay_shape!r} is not one of {list(DECAY_SHAPES)}")
+    _require(0 <= s.warmup < 1 and 0 <= s.decay <= 1, "schedule.warmup", "warmup and decay are fractions of the run in [0, 1]")
+    _require(s.warmup + s.decay <= 1, "schedule.decay", f"warmup ({s.warmup}) + decay ({s.decay}) exceed the whole run")
+    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _require(t.tokens > 0, "train.tokens", "the token budget must be positive")
+    _require(t.micro_batch >= 1, "train.micro_batch", "must be at least 1")
+    _require(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "keep at least one checkpoint")
+    _require(cfg.logging.interval >= 1 and cfg.logging.norms_interval >= 1, "logging.interval", "intervals are >= 1")
+    _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
+             f"{cfg.logging.wandb_mode!r} is not one of ['offline', 'online', 'disabled']")
+    from models.norm_gpt.configuration_norm_gpt import PRESETS, NormGPTConfig
+
+    _require(cfg.model.preset in PRESETS, "model.preset", f"{cfg.model.preset!r} is not one of {sorted(PRESETS)}")
+    accepted = set(NormGPTConfig().to_dict())
+    for key in cfg.model.overrides:
+        _require(key in accepted, f"model.overrides.{key}", "is not a NormGPTConfig field")
+    positions = {**PRESETS[cfg.model.preset], **cfg.model.overrides}.get("max_position_embeddings")
+    _require(positions is None or cfg.data.seq_len <= positions, "data.seq_len",
+             f"{cfg.data.seq_len} exceeds the model's max_position_embeddings ({positions})")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or start from the defaults when ``path`` is None), apply the dotted
+    overrides, check every key and return the typed configuration."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping of sections")
+    data = apply_overrides(data, list(overrides or []))
+    return validate(from_dict(RunConfig, data))

@@ -1,0 +1,131 @@
+"""Recipes, configuration errors, the scaling-rule derivation, the WSD schedule and the generated
+DeepSpeed config."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from disco_ds.config import ConfigError, load_config
+from disco_ds.scaling import plan_run
+from disco_ds.schedule import wsd_factor
+from disco_ds.train import deepspeed_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_every_recipe_is_shipped() -> None:
+    names = {p.name for p in RECIPES}
+    assert {"tiny.yaml", "gpt-124m.yaml", "gpt-350m.yaml", "gpt-760m.yaml", "gpt-1.3b.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_loads_and_carries_the_papers_settings(recipe: Path) -> None:
+    cfg = load_config(recipe)
+    assert cfg.optimizer.name == "scion"
+    assert cfg.optimizer.momentum == 0.1
+    assert cfg.optimizer.lr_ratios == [1.0, 0.125, 1.0]
+    assert cfg.optimizer.weight_decay == 0.0
+    assert (cfg.scaling.batch_exponent, cfg.scaling.lr_batch_exponent, cfg.scaling.lr_tokens_exponent) == (0.45, 0.62, -0.56)
+    assert cfg.scaling.anchor_source
+    ds = deepspeed_config(cfg, plan_run(cfg, cfg.train.reference_world_size))
+    assert ds["gradient_clipping"] == 0.0 and "optimizer" not in ds
+    # The AdamW baseline is the same recipe with one switch.
+    assert load_config(recipe, ["optimizer.name=adamw"]).optimizer.name == "adamw"
+
+
+def test_plan_follows_the_scaling_rules() -> None:
+    cfg = load_config(REPO / "recipes/gpt-124m.yaml")
+    s, d = cfg.scaling, cfg.train.tokens
+    plan = plan_run(cfg, 8)
+    b_star = s.anchor_batch_tokens * (d / s.anchor_tokens) ** 0.45
+    assert plan.batch_tokens_optimal == pytest.approx(b_star)
+    per_micro = 8 * cfg.train.micro_batch * cfg.data.seq_len
+    assert plan.batch_tokens % per_micro == 0
+    assert plan.accumulation == max(1, round(b_star / per_micro))
+    lr = s.anchor_lr * (plan.batch_tokens / s.anchor_batch_tokens) ** 0.62 * (d / s.anchor_tokens) ** -0.56
+    assert plan.lr == pytest.approx(lr)
+    assert plan.group_lrs == pytest.approx({"embedding": lr, "hidden": lr / 8, "output": lr, "vector": lr / 8})
+    assert plan.steps == math.ceil(d / plan.batch_tokens)
+    # Re-anchoring is one number: the whole ladder scales with it.
+    assert plan_run(load_config(REPO / "recipes/gpt-124m.yaml", ["scaling.anchor_lr=0.02"]), 8).lr == pytest.approx(2 * lr)
+    # More data: larger batch, smaller lr (η* ∝ D^-0.28 along B*).
+    bigger = plan_run(load_config(REPO / "recipes/gpt-124m.yaml", ["train.tokens=2.5e10"]), 8)
+    assert bigger.batch_tokens > plan.batch_tokens and bigger.lr < plan.lr
+    # A forced batch gets the lr of that batch.
+    forced = plan_run(load_config(REPO / "recipes/gpt-124m.yaml", ["train.global_batch_tokens=524288"]), 8)
+    assert forced.batch_tokens == 524288
+    assert forced.lr == pytest.approx(s.anchor_lr * (524288 / s.anchor_batch_tokens) ** 0.62 * (d / s.anchor_tokens) ** -0.56)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.micro_bach=4", "unknown key 'train.micro_bach'; accepted keys: train.tokens"),
+        ("trian.zero_stage=1", "unknown key 'trian'"),
+        ("train.micro_batch=four", "train.micro_batch: expected int"),
+        ("optimizer.name=sgd", "optimizer.name: 'sgd' is not one of ['scion', 'adamw']"),
+        ("schedule.decay_shape=exp", "schedule.decay_shape"),
+        ("schedule.decay=0.99", "schedule.decay: warmup (0.05) + decay (0.99) exceed the whole run"),
+        ("train.zero_stage=4", "train.zero_stage: must be 0, 1, 2 or 3"),
+        ("data.seq_len=4096", "data.seq_len: 4096 exceeds the model's max_position_embeddings (256)"),
+        ("model.overrides={n_layers: 3}", "model.overrides.n_layers: is not a NormGPTConfig field"),
+        ("optimizer.lr_ratios=[1, 0.5]", "optimizer.lr_ratios: needs three positive numbers"),
+        ("optimizer.momentum=0", "optimizer.momentum: must be in (0, 1]"),
+        ("train.tokens=lots", "train.tokens: expected a number"),
+    ],
+)
+def test_bad_configuration_names_the_key(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "recipes/tiny.yaml", [override])
+    assert needle in str(err.value)
+
+
+def test_overrides_and_exponent_literals() -> None:
+    cfg = load_config(REPO / "recipes/tiny.yaml", ["train.tokens=3e6", "model.overrides={n_layer: 3}", "optimizer.lr=0.05"])
+    assert cfg.train.tokens == 3e6 and cfg.model.overrides == {"n_layer": 3} and cfg.optimizer.lr == 0.05
+    assert plan_run(cfg, 2).lr == 0.05
+
+
+def test_wsd_schedule() -> None:
+    total, factors = 100, [wsd_factor(s, 100, 0.1, 0.2) for s in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert all(f == 1.0 for f in factors[10:80])
+    assert factors[80:] == pytest.approx([1 - (k + 1) / 21 for k in range(20)])
+    assert min(factors) > 0  # no step is spent at lr 0
+    for shape in ("sqrt", "cosine"):
+        tail = [wsd_factor(s, total, 0.0, 0.2, shape) for s in range(80, 100)]
+        assert all(a > b for a, b in zip(tail, tail[1:])) and 0 < tail[-1] < 0.25
+    assert wsd_factor(99, 100, 0.0, 0.2, "linear", min_ratio=0.1) == pytest.approx(0.1 + 0.9 / 21)
+    with pytest.raises(ValueError, match="accepted values"):
+        wsd_factor(90, 100, 0.0, 0.2, "exp")
+
+
+def test_user_deepspeed_json_overrides_but_cannot_contradict_the_plan(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "recipes/tiny.yaml", [f"train.deepspeed={tmp_path / 'ds.json'}"])
+    plan = plan_run(cfg, 2)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}}))
+    ds = deepspeed_config(cfg, plan)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    (tmp_path / "ds.json").write_text(json.dumps({"gradient_accumulation_steps": 7}))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=7 contradicts"):
+        deepspeed_config(cfg, plan)
+    (tmp_path / "ds.json").write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ValueError, match="'optimizer' section"):
+        deepspeed_config(cfg, plan)
+
+
+def test_recipe_command_prints_the_derivation() -> None:
+    out = subprocess.run([sys.executable, "-m", "disco_ds", "recipe", str(REPO / "recipes/gpt-1.3b.yaml")],
+                         capture_output=True, text=True, cwd=REPO, check=True).stdout
+    for needle in ("anchor      η_ref = 0.01", "budget      D = 26,000,000,000 tokens", "8 ranks × 8 seq", "hidden", "steps"):
+        assert needle in out
+    bad = subprocess.run([sys.executable, "-m", "disco_ds", "recipe", str(REPO / "recipes/tiny.yaml"), "train.bogus=1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "unknown key 'train.bogus'" in bad.stderr
