@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     from disco_ds import export, prepare
 
     parser = argparse.ArgumentParser(prog="disco-ds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="pretrain NormGPT with a recipe (single process or under the deepspeed launcher)")
     _add_recipe_arguments(train)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,16 @@ def _evaluate(engine: Any, files: list[Path], cfg: RunConfig, device: torch.devi
     return float(total[0] / total[1])
 
 
+def _single_process_defaults() -> None:
+    """Without a launcher, run as a world of one (DeepSpeed would otherwise look for MPI)."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) the configured pretraining; returns the final step, losses and checkpoint.
 
@@ -143,6 +154,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         FileNotFoundError / ShardError: missing data, naming the file.
     """
     if not dist.is_initialized():
+        _single_process_defaults()
         deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
@@ -252,7 +264,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         last = step == plan.run_steps
         if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
             val_loss = _evaluate(engine, val_files, cfg, device)
-            logger.log_eval(step, {"val_loss": val_loss})
+            logger.log_eval(step, {"loss": val_loss})
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
             last_checkpoint = checkpoint()
     logger.close()

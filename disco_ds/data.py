@@ -1,0 +1,542 @@
+"""Token shards on disk and the batches each data-parallel rank trains on.
+
+Shard format (SPEC 7; the modded-nanogpt / llm.c ``.bin`` file)
+----------------------------------------------------------------
+A shard is a 1024-byte header of 256 little-endian int32 followed by the tokens:
+
+* ``header[0]`` — magic: :data:`MAGIC_UINT16` (20240520) or :data:`MAGIC_UINT32` (20240801);
+* ``header[1]`` — version: :data:`VERSION_UINT16` (1) with the first magic, :data:`VERSION_UINT32`
+  (7) with the second;
+* ``header[2]`` — the number of tokens; the rest of the header is zero;
+* the body — that many tokens, little-endian ``uint16`` (version 1) or ``uint32`` (version 7).
+
+Documents are separated by the end-of-text token and may run across shard boundaries.
+:func:`write_shard` writes a shard atomically, :func:`read_shard` validates one and memory-maps its
+body, and :func:`list_shards` resolves a directory, a glob or a list to shard paths.
+
+Training order (:class:`TokenStream`)
+-------------------------------------
+A *window* is ``seq_len + 1`` consecutive tokens of one shard starting at a multiple of
+``seq_len`` (inputs ``window[:-1]``, targets ``window[1:]``); a shard of ``n`` tokens holds
+``(n - 1) // seq_len`` windows, and windows never cross shard boundaries. Epoch ``e`` visits every
+window exactly once: the shards in a permutation drawn from ``(seed, e)``, and the windows of each
+shard in a permutation drawn from ``(seed, e, shard index)``. Concatenating the epochs gives one
+infinite *global stream* of windows, which depends only on the files, ``seq_len`` and the seed —
+never on the world size or the micro-batch.
+
+Micro-step ``k`` consumes the global windows ``[k*W*B, (k+1)*W*B)`` (``W`` the world size, ``B``
+the micro-batch); rank ``r`` takes those whose global index ``i`` has ``i % W == r``, in order.
+Hence ranks are disjoint, the union of one micro-step over the ranks is ``W*B`` consecutive
+windows of the global stream, and a world of ``W`` ranks with micro-batch ``B`` sees exactly the
+windows a single process with micro-batch ``W*B`` sees. The position is one global counter, so
+:meth:`TokenStream.state_dict` is the same on every rank and resuming (even with another world
+size or micro-batch) continues the global stream exactly where it stopped.
+
+Evaluation (:func:`eval_batches`) reads the windows in file order, without shuffling, interleaved
+over the ranks the same way, and gives every rank the same number of batches.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+import secrets
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "HEADER_INTS",
+    "HEADER_BYTES",
+    "MAGIC_UINT16",
+    "VERSION_UINT16",
+    "MAGIC_UINT32",
+    "VERSION_UINT32",
+    "ShardError",
+    "write_shard",
+    "read_shard",
+    "shard_info",
+    "list_shards",
+    "TokenStream",
+    "eval_batches",
+]
+
+HEADER_INTS = 256
+"""Number of little-endian int32 in a shard header."""
+HEADER_BYTES = HEADER_INTS * 4
+"""Size of a shard header in bytes (1024)."""
+MAGIC_UINT16 = 20240520
+"""Magic number of a shard with uint16 tokens (modded-nanogpt / llm.c, GPT-2 vocabularies)."""
+VERSION_UINT16 = 1
+"""Format version paired with :data:`MAGIC_UINT16`."""
+MAGIC_UINT32 = 20240801
+"""Magic number of a shard with uint32 tokens (llm.c, vocabularies above 65,536)."""
+VERSION_UINT32 = 7
+"""Format version paired with :data:`MAGIC_UINT32`."""
+
+_FORMATS: dict[int, tuple[int, np.dtype]] = {
+    MAGIC_UINT16: (VERSION_UINT16, np.dtype("<u2")),
+    MAGIC_UINT32: (VERSION_UINT32, np.dtype("<u4")),
+}
+
+PathLike = Union[str, os.PathLike]
+ShardSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+class ShardError(ValueError):
+    """A shard file is missing or is not a valid modded-nanogpt / llm.c token shard."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and reading one shard
+# --------------------------------------------------------------------------------------------
+
+
+def _temp_name(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` (created with the usual permissions, unlike mkstemp)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def write_shard(path: PathLike, tokens: Any, dtype: str | np.dtype | None = None) -> Path:
+    """Write ``tokens`` (a 1-D array-like of non-negative ints) as one shard at ``path``.
+
+    The token type is ``uint16`` (magic 20240520, version 1) when every token is below 65,536 and
+    ``uint32`` (magic 20240801, version 7) otherwise; pass ``dtype="uint16"``/``"uint32"`` to
+    force one (e.g. to keep every shard of a large vocabulary in ``uint32``). The file is written
+    to a temporary file in the same directory, flushed to disk and renamed over ``path``, so a
+    reader never sees a partial shard. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"{path}: tokens must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: tokens must be integers, got dtype {arr.dtype}")
+    if arr.size >= 2**31:
+        raise ValueError(f"{path}: {arr.size} tokens do not fit the int32 token count of the header")
+    lo = int(arr.min()) if arr.size else 0
+    hi = int(arr.max()) if arr.size else 0
+    if lo < 0 or hi >= 2**32:
+        raise ValueError(f"{path}: tokens must lie in [0, 2**32), found range [{lo}, {hi}]")
+    if dtype is None:
+        dt = np.dtype("<u2") if hi < 2**16 else np.dtype("<u4")
+    else:
+        dt = np.dtype(dtype).newbyteorder("<")
+        if dt not in (np.dtype("<u2"), np.dtype("<u4")):
+            raise ValueError(f"{path}: dtype must be uint16 or uint32, got {dtype}")
+        if hi >= 2 ** (8 * dt.itemsize):
+            raise ValueError(f"{path}: token {hi} does not fit {dt.name}")
+    magic = MAGIC_UINT16 if dt.itemsize == 2 else MAGIC_UINT32
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0] = magic
+    header[1] = _FORMATS[magic][0]
+    header[2] = arr.size
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(header.tobytes())
+            body = np.ascontiguousarray(arr, dtype=dt)
+            f.write(memoryview(body).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def shard_info(path: PathLike) -> tuple[np.dtype, int]:
+    """Validate the shard at ``path`` without mapping its body; returns ``(dtype, num_tokens)``.
+
+    Raises :class:`ShardError` when the file is missing, shorter than the header, has an
+    unknown magic or version, or its size is not ``header + num_tokens * itemsize``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: shard file not found (expected an existing .bin token shard)")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(
+            f"{path}: truncated header: expected at least {HEADER_BYTES} bytes, found {size}"
+        )
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    magic, version, count = (int(v) for v in header[:3])
+    if magic not in _FORMATS:
+        raise ShardError(
+            f"{path}: wrong magic: expected {MAGIC_UINT16} (uint16) or {MAGIC_UINT32} (uint32), "
+            f"found {magic}"
+        )
+    want_version, dt = _FORMATS[magic]
+    if version != want_version:
+        raise ShardError(
+            f"{path}: unsupported version: expected {want_version} for magic {magic}, found {version}"
+        )
+    if count < 0:
+        raise ShardError(f"{path}: corrupt header: negative token count {count}")
+    expected = HEADER_BYTES + count * dt.itemsize
+    if size != expected:
+        what = "truncated" if size < expected else "oversized"
+        raise ShardError(
+            f"{path}: {what}: header says {count} {dt.name} tokens, so expected {expected} bytes, "
+            f"found {size}"
+        )
+    return dt, count
+
+
+def read_shard(path: PathLike) -> np.ndarray:
+    """Validate the shard at ``path`` (see :func:`shard_info`) and memory-map its tokens.
+
+    Returns a read-only 1-D ``numpy.memmap`` of ``uint16`` or ``uint32`` (a plain empty array for
+    a shard of zero tokens). Nothing is read until it is indexed.
+    """
+    dt, count = shard_info(path)
+    if count == 0:
+        empty = np.zeros(0, dtype=dt)
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, dtype=dt, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def list_shards(spec: ShardSpec, pattern: str = "*.bin") -> list[Path]:
+    """Resolve ``spec`` to a list of shard paths.
+
+    ``spec`` is a directory (its files matching ``pattern``, default ``*.bin``, sorted), a glob
+    (``data/train_*.bin``, sorted), one file, or a list of any of these (concatenated in order).
+    Raises :class:`FileNotFoundError` naming ``spec`` when nothing matches.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        items = [spec]
+    else:
+        items = list(spec)
+        if not items:
+            raise FileNotFoundError("no shard files: the list of shards is empty")
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.glob(pattern) if q.is_file())
+        elif p.is_file():
+            found = [p]
+        elif _glob.has_magic(str(item)):
+            found = sorted(Path(q) for q in _glob.glob(str(item)) if Path(q).is_file())
+        else:
+            found = []
+        if not found:
+            where = f"directory {str(p)!r} has no files matching {pattern!r}" if p.is_dir() else (
+                f"{str(item)!r} matches no file"
+            )
+            raise FileNotFoundError(f"no shard files: {where}")
+        out.extend(found)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# A set of shards cut into windows
+# --------------------------------------------------------------------------------------------
+
+
+class _Windows:
+    """Shards of one split, their window counts, and lazily opened memory maps."""
+
+    MAX_OPEN = 8
+
+    def __init__(self, files: ShardSpec, seq_len: int, what: str):
+        if int(seq_len) != seq_len or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        self.seq_len = int(seq_len)
+        self.paths = list_shards(files)
+        self.tokens = np.zeros(len(self.paths), dtype=np.int64)
+        self.dtypes: list[np.dtype] = []
+        for i, p in enumerate(self.paths):
+            dt, n = shard_info(p)
+            self.dtypes.append(dt)
+            self.tokens[i] = n
+        self.windows = np.where(self.tokens >= self.seq_len + 1, (self.tokens - 1) // self.seq_len, 0)
+        for p, n in zip(self.paths, self.tokens):
+            if n < self.seq_len + 1:
+                warnings.warn(
+                    f"{p}: {int(n)} tokens, fewer than seq_len + 1 = {self.seq_len + 1}; "
+                    f"skipping this shard",
+                    stacklevel=3,
+                )
+        self.total = int(self.windows.sum())
+        if self.total == 0:
+            raise ValueError(
+                f"no {what} window of seq_len + 1 = {self.seq_len + 1} tokens in "
+                f"{len(self.paths)} shard(s) ({', '.join(str(p) for p in self.paths[:4])}"
+                f"{', ...' if len(self.paths) > 4 else ''}): {int(self.tokens.sum())} tokens in all"
+            )
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._offsets = np.arange(self.seq_len + 1, dtype=np.int64)
+
+    def fingerprint(self) -> list[list[Any]]:
+        return [[p.name, int(n)] for p, n in zip(self.paths, self.tokens)]
+
+    def _map(self, shard: int) -> np.ndarray:
+        mm = self._open.get(shard)
+        if mm is None:
+            mm = read_shard(self.paths[shard])
+            self._open[shard] = mm
+            while len(self._open) > self.MAX_OPEN:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(shard)
+        return mm
+
+    def read(self, shards: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """Row ``i`` is window ``windows[i]`` of shard ``shards[i]``; int64 ``[len, seq_len + 1]``."""
+        buf = np.empty((len(shards), self.seq_len + 1), dtype=np.int64)
+        starts = np.asarray(windows, dtype=np.int64) * self.seq_len
+        for s in np.unique(shards):
+            rows = np.flatnonzero(shards == s)
+            buf[rows] = self._map(int(s))[starts[rows, None] + self._offsets]
+        return buf
+
+
+def _to_tensors(buf: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.from_numpy(buf)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def _check_layout(micro_batch: int, rank: int, world_size: int) -> None:
+    for name, v in (("micro_batch", micro_batch), ("world_size", world_size)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if int(rank) != rank or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Training stream
+# --------------------------------------------------------------------------------------------
+
+
+class TokenStream:
+    """The training micro-batches of one data-parallel rank, epoch after epoch, forever.
+
+    Args:
+        files: shard paths, or anything :func:`list_shards` accepts (a directory, a glob, a list).
+        seq_len: tokens per training sequence (each window holds ``seq_len + 1``).
+        micro_batch: sequences per call to :meth:`next_batch` on this rank.
+        rank, world_size: this rank's index and the data-parallel world size.
+        seed: seeds the shard and window permutations of every epoch.
+
+    See the module docstring for the order and the guarantees. Shards shorter than
+    ``seq_len + 1`` tokens are skipped with a warning; a :class:`ValueError` is raised when no
+    window exists at all, and a :class:`ShardError` for an invalid shard.
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        files: ShardSpec,
+        seq_len: int,
+        micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
+        _check_layout(micro_batch, rank, world_size)
+        self._w = _Windows(files, seq_len, "training")
+        self.seq_len = self._w.seq_len
+        self.micro_batch = int(micro_batch)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.seed = int(seed)
+        self.position = 0
+        """Global index of the first window of the next micro-step (same on every rank)."""
+        self._order_epoch = -1
+        self._order: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._ends: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def files(self) -> list[Path]:
+        """The shard paths, in the order given (skipped shards included)."""
+        return list(self._w.paths)
+
+    @property
+    def windows_per_epoch(self) -> int:
+        """Number of windows (sequences) in one epoch over all shards."""
+        return self._w.total
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Number of target tokens in one epoch: ``windows_per_epoch * seq_len``."""
+        return self._w.total * self.seq_len
+
+    @property
+    def epoch(self) -> int:
+        """Epoch (from 0) of the first window of the next micro-step."""
+        return self.position // self._w.total
+
+    @property
+    def step(self) -> int:
+        """Number of micro-steps consumed so far at the current world size and micro-batch."""
+        return self.position // (self.world_size * self.micro_batch)
+
+    # -- order -------------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if epoch != self._order_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order = rng.permutation(len(self._w.paths)).astype(np.int64)
+            self._ends = np.cumsum(self._w.windows[self._order])
+            self._order_epoch = epoch
+        return self._order, self._ends
+
+    def _window_perm(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        perm = self._perms.get(key)
+        if perm is None:
+            rng = np.random.default_rng([self.seed, epoch, shard])
+            perm = rng.permutation(int(self._w.windows[shard])).astype(np.int64)
+            self._perms[key] = perm
+            while len(self._perms) > 4:
+                self._perms.popitem(last=False)
+        return perm
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map global window indices to ``(shard index, window index within the shard)``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        total = self._w.total
+        shards = np.empty_like(indices)
+        wins = np.empty_like(indices)
+        epochs = indices // total
+        for e in np.unique(epochs):
+            sel = epochs == e
+            within = indices[sel] - e * total
+            order, ends = self._epoch_order(int(e))
+            slot = np.searchsorted(ends, within, side="right")
+            shard = order[slot]
+            local = within - (ends[slot] - self._w.windows[shard])
+            win = np.empty_like(local)
+            for s in np.unique(shard):
+                m = shard == s
+                win[m] = self._window_perm(int(e), int(s))[local[m]]
+            shards[sel] = shard
+            wins[sel] = win
+        return shards, wins
+
+    def global_indices(self, step: int | None = None) -> np.ndarray:
+        """Global window indices of this rank's micro-batch at micro-step ``step`` (default: next)."""
+        start = self.position if step is None else int(step) * self.world_size * self.micro_batch
+        return start + np.arange(self.micro_batch, dtype=np.int64) * self.world_size + self.rank
+
+    # -- batches -----------------------------------------------------------------------------
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(inputs, targets)``, each a ``LongTensor`` of shape ``[micro_batch, seq_len]``."""
+        shards, wins = self.locate(self.global_indices())
+        buf = self._w.read(shards, wins)
+        self.position += self.world_size * self.micro_batch
+        return _to_tensors(buf)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The exact position in the global stream (plain Python values, identical on every rank)."""
+        return {
+            "version": self.STATE_VERSION,
+            "position": int(self.position),
+            "epoch": int(self.epoch),
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "world_size": self.world_size,
+            "micro_batch": self.micro_batch,
+            "shards": self._w.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the stream that produced ``state`` stopped.
+
+        The seed, ``seq_len`` and the shards (names and token counts) must match; the world size
+        and micro-batch may differ, as long as the position falls on a micro-step boundary of
+        this stream's ``world_size * micro_batch``.
+        """
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"TokenStream state version {state.get('version')!r} is not {self.STATE_VERSION}")
+        for key in ("seed", "seq_len"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"TokenStream state has {key}={state[key]!r} but this stream has {getattr(self, key)!r}"
+                )
+        if [list(x) for x in state["shards"]] != self._w.fingerprint():
+            raise ValueError(
+                "TokenStream state was saved over different shards (names or token counts differ): "
+                f"saved {len(state['shards'])} shard(s), now {len(self._w.paths)}"
+            )
+        position = int(state["position"])
+        if position < 0 or position % (self.world_size * self.micro_batch):
+            raise ValueError(
+                f"TokenStream position {position} is not a multiple of world_size * micro_batch = "
+                f"{self.world_size * self.micro_batch}"
+            )
+        self.position = position
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def eval_batches(
+    files: ShardSpec,
+    seq_len: int,
+    micro_batch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_tokens: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic validation micro-batches of one rank.
+
+    Windows are taken in file order (shard by shard, window by window, no shuffling); micro-step
+    ``k`` covers the windows ``[k*W*B, (k+1)*W*B)`` and rank ``r`` those with index ``≡ r (mod
+    W)``, as in training. At most ``max_tokens`` target tokens are used over all ranks together
+    (``None``: all windows); only whole micro-steps are used, so every rank yields the same number
+    of batches (DeepSpeed's collectives need that). Raises :class:`ValueError` if the shards (or
+    ``max_tokens``) do not hold one micro-batch for every rank. Validation happens at the call,
+    the reading lazily as the iterator is consumed.
+    """
+    _check_layout(micro_batch, rank, world_size)
+    w = _Windows(files, seq_len, "validation")
+    per_step = int(world_size) * int(micro_batch)
+    usable = w.total
+    if max_tokens is not None:
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        usable = min(usable, int(max_tokens) // w.seq_len)
+    steps = usable // per_step
+    if steps == 0:
+        raise ValueError(
+            f"validation data too small: {w.total} window(s) of {w.seq_len + 1} tokens"
+            + (f" (max_tokens={max_tokens} allows {usable})" if max_tokens is not None else "")
+            + f", but one batch on every rank needs world_size * micro_batch = {per_step}"
+        )
+    return _eval_iter(w, steps, int(micro_batch), int(rank), int(world_size))
+
+
+def _eval_iter(
+    w: _Windows, steps: int, micro_batch: int, rank: int, world_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ends = np.cumsum(w.windows)
+    for k in range(steps):
+        idx = k * world_size * micro_batch + np.arange(micro_batch, dtype=np.int64) * world_size + rank
+        shard = np.searchsorted(ends, idx, side="right")
+        local = idx - (ends[shard] - w.windows[shard])
+        yield _to_tensors(w.read(shard, local))
