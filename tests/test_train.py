@@ -1,0 +1,198 @@
+"""The main job end to end: ``deepspeed --module disco_ds train`` on shards made by ``prepare``,
+checkpoints, resume after SIGKILL (mid-training and mid-save), two simulated nodes, a NaN stop,
+and export to ``transformers``.
+
+Every run is a real launch (the ``deepspeed`` launcher, 2 CPU ranks, gloo). Losses are compared
+exactly: the same world size, data order and DeepSpeed checkpoints make resumed and multi-node
+trajectories bit-identical on CPU, so any difference is a bug, not noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from disco_ds.data import eval_batches, list_shards
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+STEPS, CKPT_EVERY, MICRO, SEQ = 24, 8, 4, 64
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
+
+
+def _port() -> int:
+    return 29300 + (os.getpid() * 7 + time.monotonic_ns()) % 500
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    stdlib = sysconfig.get_paths()["stdlib"]
+    subprocess.run([sys.executable, "-m", "disco_ds", "prepare", "--input", stdlib, "--glob", "*.py", "--exclude", "site-packages",
+                    "--out", str(out), "--tokenizer", "byte", "--max-bytes", "600KB", "--val-fraction", "0.05", "--quiet"],
+                   check=True, env=ENV, cwd=REPO, timeout=300)
+    return out
+
+
+def overrides(data: Path, run_dir: Path, stage: int = 2, **extra: object) -> list[str]:
+    args = {
+        "data.path": data, "data.seq_len": SEQ, "train.run_dir": run_dir, "train.zero_stage": stage,
+        "train.micro_batch": MICRO, "train.tokens": 2e5, "train.global_batch_tokens": 2 * MICRO * SEQ,
+        "train.max_steps": STEPS, "optimizer.lr": 0.1, "schedule.warmup": 0.0, "checkpoint.interval": CKPT_EVERY,
+        "eval.interval": 0, "eval.tokens": 4096, "logging.interval": 4, **extra,
+    }
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def launcher(args: list[str], port: int, launcher_args: list[str] | None = None) -> list[str]:
+    return [str(DEEPSPEED), *(launcher_args or ["--num_gpus", "2"]), "--master_port", str(port),
+            "--module", "disco_ds", "train", str(REPO / "recipes/tiny.yaml"), *args]
+
+
+def run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env or ENV, cwd=REPO, capture_output=True, text=True, timeout=900)
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and "val/loss" not in r}
+
+
+def val_loss(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["val/loss"] for r in rows if "val/loss" in r][-1]
+
+
+_RUNS: dict[int, Path] = {}
+
+
+def single_node_run(data: Path, tmp: Path, stage: int) -> Path:
+    """One uninterrupted 2-rank run per stage, shared by the tests that compare against it."""
+    if stage not in _RUNS:
+        run_dir = tmp / f"stage{stage}"
+        proc = run(launcher(overrides(data, run_dir, stage), _port()))
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        _RUNS[stage] = run_dir
+    return _RUNS[stage]
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_launcher_trains_checkpoints_and_exports(data_dir: Path, runs_root: Path, stage: int) -> None:
+    run_dir = single_node_run(data_dir, runs_root, stage)
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    first, last = curve[1], sum(curve[s] for s in range(STEPS - 3, STEPS + 1)) / 4
+    assert last < first - 0.5, curve  # from ~ln(320) towards byte statistics
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert [p.name for p in ckpts] == ["step_00000016", "step_00000024"]  # keep: 2
+    assert all((p / "COMPLETE").is_file() for p in ckpts)
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert json.loads((ckpts[-1] / "trainer_state.json").read_text())["step"] == STEPS
+
+    out = run_dir / "hf"
+    proc = run([sys.executable, "-m", "disco_ds", "export", str(run_dir), str(out), "--dtype", "float32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    # The exported model reproduces the trained engine's last validation loss on the very same
+    # windows (both ranks' shares): its logits are the trained model's (fp32, no bf16 here).
+    total = count = 0.0
+    with torch.no_grad():
+        for rank in range(2):
+            for inputs, targets in eval_batches(list_shards(str(data_dir / "val_*.bin")), SEQ, MICRO, rank, 2, 4096):
+                logits = model(input_ids=inputs).logits
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+                count += targets.numel()
+    assert total / count == pytest.approx(val_loss(run_dir), rel=1e-5)
+
+
+def test_two_simulated_nodes_match_one_node(data_dir: Path, runs_root: Path, tmp_path: Path) -> None:
+    reference = losses(single_node_run(data_dir, runs_root, 2))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    run_dir, port = tmp_path / "multinode", _port()
+    procs = [subprocess.Popen(launcher(overrides(data_dir, run_dir), port,
+                                       ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                                        "--master_addr", "127.0.0.1"]),
+                              env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "node_rank=1" in outputs[1]
+    assert losses(run_dir) == reference
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_resume_after_sigkill_mid_training(data_dir: Path, runs_root: Path, tmp_path: Path) -> None:
+    reference = losses(single_node_run(data_dir, runs_root, 2))
+    run_dir = tmp_path / "killed"
+    cmd = launcher(overrides(data_dir, run_dir), _port())
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_step(run_dir, CKPT_EVERY + 3, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-training
+    proc.wait()
+    complete = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    assert complete[-1] == f"step_{CKPT_EVERY:08d}"
+    resumed = run(launcher(overrides(data_dir, run_dir), _port()))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed     {run_dir / 'checkpoints' / f'step_{CKPT_EVERY:08d}'}" in resumed.stdout
+    assert losses(run_dir) == reference
+
+
+def test_resume_after_kill_during_save(data_dir: Path, runs_root: Path, tmp_path: Path) -> None:
+    reference = losses(single_node_run(data_dir, runs_root, 2))
+    run_dir = tmp_path / "killed-saving"
+    env = {**ENV, "DISCO_DS_FAULT": f"kill-during-save@{2 * CKPT_EVERY}"}
+    crashed = run(launcher(overrides(data_dir, run_dir), _port()), env=env)
+    assert crashed.returncode != 0
+    checkpoints = run_dir / "checkpoints"
+    # The engine files of step 16 were written, the checkpoint was never completed: the previous
+    # one is untouched and is what resume=auto picks.
+    assert (checkpoints / f".tmp_step_{2 * CKPT_EVERY:08d}" / "ds").is_dir()
+    assert not (checkpoints / f"step_{2 * CKPT_EVERY:08d}").exists()
+    assert (checkpoints / f"step_{CKPT_EVERY:08d}" / "COMPLETE").is_file()
+    resumed = run(launcher(overrides(data_dir, run_dir), _port()))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert losses(run_dir) == reference
+    assert not list(checkpoints.glob(".tmp_*"))
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(data_dir: Path, tmp_path: Path) -> None:
+    """A single-process run (no launcher) whose learning rate blows the model up."""
+    run_dir = tmp_path / "nan"
+    args = overrides(data_dir, run_dir, **{"optimizer.lr": 1e30, "checkpoint.interval": 1, "train.max_steps": 6})
+    proc = run([sys.executable, "-m", "disco_ds", "train", str(REPO / "recipes/tiny.yaml"), *args])
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "is the last good one and was not touched" in proc.stdout
+    failed_step = int(proc.stdout.split(" at step ")[1].split(":")[0])
+    saved = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert saved and all((p / "COMPLETE").is_file() for p in saved)
+    assert int(saved[-1].name.split("_")[1]) == failed_step - 1
+    state = json.loads((saved[-1] / "trainer_state.json").read_text())
+    assert torch.isfinite(torch.tensor(state["loss"]))
