@@ -282,21 +282,19 @@ class MetricsLogger:
 
     def _fields(self, metrics: dict[str, Any]) -> list[str]:
         """The console fields for the known metric names, in a fixed order."""
-        loss, lr, tps = _real(metrics.get("loss")), _real(_learning_rate(metrics)), _real(metrics.get("tokens_per_s"))
-        mfu, mem, w_out = _real(metrics.get("mfu")), _real(metrics.get("memory_gib")), _real(metrics.get(OUTPUT_NORM))
+        formats = (
+            (metrics.get("loss"), "loss {:.3f}"),
+            (_learning_rate(metrics), "lr {:.1e}"),
+            (metrics.get("tokens_per_s"), None),
+            (metrics.get("mfu"), "MFU {:.1%}"),
+            (metrics.get("memory_gib"), "mem {:.1f} GiB"),
+            (metrics.get(OUTPUT_NORM), "‖W_out‖ {:.1f}"),
+        )
         fields = []
-        if loss is not None:
-            fields.append(f"loss {loss:.3f}")
-        if lr is not None:
-            fields.append(f"lr {lr:.1e}")
-        if tps is not None:
-            fields.append(f"{_si(tps)} tok/s")
-        if mfu is not None:
-            fields.append(f"MFU {100 * mfu:.1f}%")
-        if mem is not None:
-            fields.append(f"mem {mem:.1f} GiB")
-        if w_out is not None:
-            fields.append(f"‖W_out‖ {w_out:.1f}")
+        for raw, fmt in formats:
+            value = _real(raw)
+            if value is not None:
+                fields.append(f"{_si(value)} tok/s" if fmt is None else fmt.format(value))
         return fields
 
     def _console_line(self, step: int, metrics: dict[str, Any]) -> str:
