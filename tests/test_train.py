@@ -196,3 +196,20 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(data_dir: Path, tmp_pat
     assert int(saved[-1].name.split("_")[1]) == failed_step - 1
     state = json.loads((saved[-1] / "trainer_state.json").read_text())
     assert torch.isfinite(torch.tensor(state["loss"]))
+
+
+def test_adamw_baseline_single_process_with_wandb_offline(data_dir: Path, tmp_path: Path) -> None:
+    """The paper's baseline is the same recipe with one switch; wandb logs offline without an account."""
+    run_dir = tmp_path / "adamw"
+    env = {**ENV, "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    args = overrides(data_dir, run_dir, **{"optimizer.name": "adamw", "optimizer.lr": 3e-3, "train.max_steps": 12,
+                                           "logging.wandb": True, "logging.wandb_mode": "offline"})
+    proc = run([sys.executable, "-m", "disco_ds", "train", str(REPO / "recipes/tiny.yaml"), *args], env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "optimizer adamw" in proc.stdout
+    curve = losses(run_dir)
+    assert curve[12] < curve[1] - 0.5, curve
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr/hidden"] == pytest.approx(rows[0]["lr/output"] / 8)  # per-group rates kept
+    assert not any(k.startswith("norm/") for k in rows[0])  # the instrument lives in Scion's step
+    assert list(run_dir.rglob("offline-run-*")), "no offline wandb run was written"
