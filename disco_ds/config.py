@@ -130,6 +130,9 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many steps (the schedule still spans the whole budget)."""
     zero_stage: int = 2
+    tp_size: int = 1
+    """Tensor-parallel ranks per model replica (DeepSpeed AutoTP); the data-parallel size is the
+    world size divided by it. 1: no tensor parallelism."""
     bf16: bool = True
     seed: int = 0
     reference_world_size: int = 8
@@ -285,6 +288,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(0 <= s.warmup < 1 and 0 <= s.decay <= 1, "schedule.warmup", "warmup and decay are fractions of the run in [0, 1]")
     _require(s.warmup + s.decay <= 1, "schedule.decay", f"warmup ({s.warmup}) + decay ({s.decay}) exceed the whole run")
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _require(t.tp_size >= 1, "train.tp_size", f"must be at least 1, got {t.tp_size}")
     _require(t.tokens > 0, "train.tokens", "the token budget must be positive")
     _require(t.micro_batch >= 1, "train.micro_batch", "must be at least 1")
     _require(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")

@@ -67,7 +67,15 @@ class Layout:
     group: Any
     rank: int
     replicated: bool = False  # every rank holds every member whole (stage 0 / DDP)
+    blocks: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Members stored column block by column block (a matrix split along dim 1 over tensor-parallel
+    ranks): member -> block widths. Such a member's flat index space is the concatenation of its
+    ``[rows, width]`` blocks, each row-major; every other member is plain row-major."""
+    sources: list[list[Fragment]] | None = None
+    """Per rank, the fragments it contributes to gathers and sums, when several ranks hold copies of
+    the same entries (tensor-parallel replicas): each entry then counts once. None: all fragments."""
     _whole: dict[int, list[int]] = field(init=False, repr=False)
+    _copied: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         held: dict[tuple[int, int], int] = {}
@@ -76,6 +84,12 @@ class Layout:
                 held[(f.member, r)] = held.get((f.member, r), 0) + f.numel
         self._whole = {m: [r for r in range(len(self.fragments)) if held.get((m, r), 0) == self.numel(m)]
                        for m in range(len(self.shapes))}
+        copied: set[int] = set()
+        if self.sources is not None:
+            for frags, srcs in zip(self.fragments, self.sources):
+                own = set(srcs)
+                copied.update(f.member for f in frags if f not in own)
+        self._copied = frozenset(copied)
 
     @property
     def world_size(self) -> int:
@@ -90,6 +104,52 @@ class Layout:
     def whole_holders(self, member: int) -> list[int]:
         """Ranks that hold all of ``member`` locally."""
         return self._whole[member]
+
+    def contributes(self, rank: int) -> list[Fragment]:
+        """The fragments ``rank`` sends to owners and adds to sums (each entry once in the group)."""
+        return self.fragments[rank] if self.sources is None else self.sources[rank]
+
+    def has_copies(self, member: int) -> bool:
+        """Whether several ranks hold copies of some entries of ``member`` (replicas must then
+        receive bit-identical updates)."""
+        return len(self._whole[member]) > 1 or member in self._copied
+
+    def pieces(self, frag: Fragment) -> list[tuple[int, int, int, int, int]]:
+        """Rectangles ``(offset in fragment, first row, rows, first column, columns)`` of the member's
+        ``[rows, cols]`` view (:func:`matrix_view_shape`) that ``frag`` covers."""
+        cols = matrix_view_shape(self.shapes[frag.member])[1]
+        widths = self.blocks.get(frag.member)
+        if widths is None:
+            return _row_pieces(frag, cols)
+        rows = matrix_view_shape(self.shapes[frag.member])[0]
+        base = col0 = 0
+        for width in widths:
+            size = rows * width
+            if frag.start < base + size:
+                if frag.start + frag.numel > base + size:
+                    raise ValueError(f"fragment {frag} crosses a column block of member {frag.member}")
+                inner = Fragment(frag.member, frag.start - base, frag.numel, frag.offset)
+                return [(o, r, n, c + col0, w) for o, r, n, c, w in _row_pieces(inner, width)]
+            base += size
+            col0 += width
+        raise ValueError(f"fragment {frag} lies outside member {frag.member}")
+
+    def to_matrix(self, member: int, flat: torch.Tensor) -> torch.Tensor:
+        """The whole member in its logical shape from its flat index space (a view when row-major)."""
+        widths = self.blocks.get(member)
+        if widths is None:
+            return flat.view(self.shapes[member])
+        rows = matrix_view_shape(self.shapes[member])[0]
+        parts = flat.split([rows * w for w in widths])
+        return torch.cat([part.view(rows, w) for part, w in zip(parts, widths)], dim=1).view(self.shapes[member])
+
+    def from_matrix(self, member: int, matrix: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_matrix`: the member's flat index space."""
+        widths = self.blocks.get(member)
+        if widths is None:
+            return matrix.reshape(-1)
+        rows = matrix_view_shape(self.shapes[member])[0]
+        return torch.cat([b.reshape(-1) for b in matrix.reshape(rows, -1).split(list(widths), dim=1)])
 
 
 def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -173,7 +233,8 @@ def assign_owners(layout: Layout, members: list[int], costs: dict[int, int]) -> 
 
     A matrix held whole by exactly one rank (ZeRO-1/2: inside one partition) is owned there and
     moves nowhere. The others go, largest cost first, to the least-loaded rank (ties: lowest
-    rank, then member index), so every rank computes the same table without communication.
+    rank, then member index) among those holding it whole, if any, else among all ranks; every
+    rank computes the same table without communication.
     """
     load = [0] * layout.world_size
     owners: dict[int, int] = {}
@@ -186,7 +247,7 @@ def assign_owners(layout: Layout, members: list[int], costs: dict[int, int]) -> 
         else:
             routed.append(m)
     for m in sorted(routed, key=lambda m: (-costs[m], m)):
-        owner = min(range(layout.world_size), key=lambda r: (load[r], r))
+        owner = min(layout.whole_holders(m) or range(layout.world_size), key=lambda r: (load[r], r))
         owners[m] = owner
         load[owner] += costs[m]
     return owners
@@ -303,7 +364,7 @@ def _matrix_lmo(
 
         # Forward: each rank sends its fragments of matrices owned elsewhere (and not held whole there).
         def to_owner(src: int, dst: int) -> list[Fragment]:
-            return [f for f in layout.fragments[src] if f.member in in_round and owners[f.member] == dst
+            return [f for f in layout.contributes(src) if f.member in in_round and owners[f.member] == dst
                     and dst not in layout.whole_holders(f.member)]
 
         for f, values in _exchange(layout, to_owner, directions.__getitem__, comm_dtype, device, stats):
@@ -314,17 +375,17 @@ def _matrix_lmo(
 
         if on_gathered is not None:
             for m in mine:
-                on_gathered(member_keys[m], full[m].view(layout.shapes[m]))
+                on_gathered(member_keys[m], layout.to_matrix(m, full[m]))
         # The LMO (Newton–Schulz), once per owned matrix, batched by shape.
         start = time.perf_counter()
-        owned = lmo_many(norm, [full[m].view(layout.shapes[m]) for m in mine])
+        owned = lmo_many(norm, [layout.to_matrix(m, full[m]) for m in mine])
         stats.ns_seconds += time.perf_counter() - start
         for m in mine:
             stats.per_member[member_keys[m]] = stats.per_member.get(member_keys[m], 0) + 1
         stats.matrices_orthogonalized += len(mine)
-        result = {m: u.reshape(-1) for m, u in zip(mine, owned)}
+        result = {m: layout.from_matrix(m, u) for m, u in zip(mine, owned)}
         for m in mine:
-            if len(layout.whole_holders(m)) > 1:
+            if layout.has_copies(m):
                 # Replicas (DDP, stage 0) must stay bit-identical: the owner applies the same
                 # comm_dtype-rounded update that every other replica receives.
                 result[m] = result[m].to(comm_dtype).to(work_dtype)
@@ -386,8 +447,10 @@ def _separable_lmo(
     device = sample.device if sample is not None else torch.device("cpu")
     sums = torch.zeros(total, dtype=torch.float32, device=device)
     local = [f for f in layout.local() if f.member in offsets]
+    contributing = set(layout.contributes(layout.rank))
     # Rectangles (offset, row, rows, col, cols); a whole-tensor norm sees one 1-row rectangle.
-    rects = {f: _row_pieces(f, layout.shapes[f.member][-1]) if norm.axis != "all" else [(0, 0, 1, 0, f.numel)]
+    rects = {f: [(0, 0, 1, 0, f.numel)] if norm.axis == "all"
+             else layout.pieces(f) if f.member in layout.blocks else _row_pieces(f, layout.shapes[f.member][-1])
              for f in local}
 
     def slot(f: Fragment, row: int, rows: int, col: int, cols: int) -> slice:
@@ -401,6 +464,8 @@ def _separable_lmo(
 
     reduce_dim = {"row": 1, "col": 0, "all": None}[norm.axis]
     for f in local:
+        if f not in contributing:
+            continue  # a copy of entries another rank adds
         for o, row, rows, col, cols in rects[f]:
             sq = directions[f][o : o + rows * cols].view(rows, cols).float().square()
             sums[slot(f, row, rows, col, cols)] += sq.sum() if reduce_dim is None else sq.sum(dim=reduce_dim)
@@ -465,14 +530,15 @@ def matrix_products(
     device = next((v.device for per_member in vectors for v in per_member.values()), torch.device("cpu"))
     buf = torch.zeros(total, dtype=torch.float32, device=device)
     offsets = {(k, m): o for k, m, o in slots}
+    contributing = set(layout.contributes(layout.rank))
     for k, per_member in enumerate(tensors):
         for f, values in per_member.items():
-            if (k, f.member) not in offsets:
+            if (k, f.member) not in offsets or f not in contributing:
                 continue
             base = offsets[(k, f.member)]
             rows, cols = matrix_view_shape(layout.shapes[f.member])
             v = vectors[k][f.member].float()
-            for o, row, nrows, col, ncols in _row_pieces(f, cols):
+            for o, row, nrows, col, ncols in layout.pieces(f):
                 piece = values[o : o + nrows * ncols].view(nrows, ncols).float()
                 if transpose:
                     buf[base + col : base + col + ncols] += v[row : row + nrows] @ piece

@@ -100,6 +100,29 @@ def load_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """
     checkpoint = Path(checkpoint)
     ds_dir, tag = _deepspeed_dir(checkpoint)
+    from disco_ds.tensor_parallel import merge_tp_shards, tp_checkpoint_ranks
+
+    tp_ranks = tp_checkpoint_ranks(ds_dir)
+    if tp_ranks > 1:
+        # Tensor parallelism: each TP rank t wrote its shards as ``*mp_rank_{t:02d}*`` files, which
+        # DeepSpeed's readers (written for mp_rank_00) take one rank at a time from a directory of
+        # links; the shards are then concatenated along the dimension AutoTP split them.
+        import tempfile
+
+        shards = []
+        for t in range(tp_ranks):
+            with tempfile.TemporaryDirectory() as tmp:
+                view = Path(tmp) / tag
+                view.mkdir()
+                for f in ds_dir.iterdir():
+                    if f"mp_rank_{t:02d}_" in f.name:
+                        (view / f.name.replace(f"mp_rank_{t:02d}_", "mp_rank_00_")).symlink_to(f.resolve())
+                (Path(tmp) / COMPLETE_MARKER).touch()
+                (Path(tmp) / "model").mkdir()
+                (Path(tmp) / "model" / "config.json").symlink_to((checkpoint / "model" / "config.json").resolve())
+                (Path(tmp) / "latest").write_text(tag)
+                shards.append(load_fp32_state_dict(Path(tmp)))
+        return merge_tp_shards(shards)
     if _is_zero_checkpoint(ds_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

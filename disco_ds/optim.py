@@ -39,6 +39,7 @@ from disco_ds.distributed import (
 )
 from disco_ds.monitor import NormMonitor, norm_kind
 from disco_ds.norms import NORMS, Norm, make_norm
+from disco_ds.tensor_parallel import data_parallel_group, is_tensor_parallel, lift_layout
 
 __all__ = ["Scion", "ScionLight", "SCION_GROUP_DEFAULTS"]
 
@@ -99,6 +100,7 @@ class Scion(torch.optim.Optimizer):
         process_group: Any = None,
         comm_dtype: torch.dtype = torch.bfloat16,
         max_gather_numel: int = 1 << 27,
+        tensor_parallel_group: Any = None,
     ) -> None:
         defaults: dict[str, Any] = dict(
             norm=norm,
@@ -118,6 +120,8 @@ class Scion(torch.optim.Optimizer):
         self._layouts: dict[Any, Layout] = {}
         self._replicas_checked = False
         self.process_group = process_group
+        self.tensor_parallel_group = tensor_parallel_group
+        """TP group of AutoTP-sharded weights (default: DeepSpeed's); used only when some are sharded."""
         self.comm_dtype = comm_dtype
         self.max_gather_numel = max_gather_numel
         self.stats = ExchangeStats()
@@ -132,6 +136,12 @@ class Scion(torch.optim.Optimizer):
         self.monitor = NormMonitor()
         self._mark = (0.0, 0.0, 0.0, 0)
         super().__init__(params, defaults)
+        # Refuse to be silently discarded (the Hugging Face Trainer under DeepSpeed drops
+        # Trainer(optimizers=(Scion(...), ...))): at the first backward, check that DeepSpeed steps
+        # this optimizer. Late import: disco_ds.hf imports this module.
+        from disco_ds.hf import watch_for_replacement
+
+        watch_for_replacement(self)
 
     # ---------------------------------------------------------------- validation
 
@@ -224,7 +234,9 @@ class Scion(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"Scion: param group {group['scion_gid']} was given {len(params)} tensors that are neither its "
                     f"{len(members)} parameters (or same-shape master copies) nor a DeepSpeed ZeRO flat partition; "
-                    "the optimizer wrapper around Scion is not supported"
+                    "the optimizer wrapper around Scion is not supported. With DeepSpeed AutoTP, build Scion after "
+                    "the model is sharded: pass deepspeed.initialize(optimizer=<callable>) "
+                    "(disco_ds.tensor_parallel's docs), not an optimizer made from the unsharded parameters"
                 )
         self.steps += int(stepped)
         self.stats.step_seconds += time.perf_counter() - start
@@ -283,9 +295,18 @@ class Scion(torch.optim.Optimizer):
         norm = self.norm_of(group)
         self.monitor.measure(label, norm_kind(group.get("role"), norm), norm, layout, keys, weights, deltas, self.stats)
 
+    def _uses_tensor_parallel(self) -> bool:
+        """Whether any parameter of any group is an AutoTP shard: then every group's replicas are
+        the data-parallel group, and every layout is lifted to the TP×DP grid."""
+        if getattr(self, "_tensor_parallel", None) is None:
+            self._tensor_parallel = any(is_tensor_parallel(members) for members in self._members)
+        return self._tensor_parallel
+
     def _data_parallel_group(self) -> Any:
         if self.process_group is not None:
             return self.process_group
+        if self._uses_tensor_parallel():
+            return data_parallel_group()  # replicas of the same TP shards, not the whole world
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return dist.group.WORLD
         return None
@@ -306,7 +327,11 @@ class Scion(torch.optim.Optimizer):
         # (and the same exactly-once counters) serves one process, DDP and ZeRO stage 0.
         layout_key = ("replicated", id(dp_group), tuple(id(p) for p in params))
         if layout_key not in self._layouts:
-            self._layouts[layout_key] = replicated_layout(params, dp_group)
+            layout = replicated_layout(params, dp_group)
+            if self._uses_tensor_parallel():
+                layout = lift_layout(layout, [m for m, p in zip(members, group["params"]) if p.grad is not None],
+                                     self.tensor_parallel_group)
+            self._layouts[layout_key] = layout
         layout = self._layouts[layout_key]
         fragments = layout.local()
         out = distributed_lmo(layout, self.norm_of(group), {f: d.reshape(-1) for f, d in zip(fragments, directions)},
@@ -353,6 +378,9 @@ class Scion(torch.optim.Optimizer):
             else:
                 layout, sg_members = zero12_layout(members), members
             self._verify_layout(layout, flat, sg_members)
+            if self._uses_tensor_parallel():
+                # One owner per logical matrix in the whole TP×DP grid (never a lone TP shard).
+                layout = lift_layout(layout, sg_members, self.tensor_parallel_group)
             self._layouts[key] = (layout, sg_members)
         return self._layouts[key]
 

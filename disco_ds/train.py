@@ -29,6 +29,7 @@ from disco_ds.deepspeed_config import check_deepspeed_config
 from disco_ds.metrics import MetricsLogger, flops_per_token, memory_gib
 from disco_ds.optim import Scion
 from disco_ds.param_groups import classify_parameters, scion_param_groups
+from disco_ds.tensor_parallel import autotp_config
 from disco_ds.scaling import Plan, format_plan, plan_run
 from disco_ds.schedule import wsd_factor
 from models.norm_gpt.configuration_norm_gpt import NormGPTConfig
@@ -125,15 +126,25 @@ def _loss(engine: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def _evaluate(engine: Any, files: list[Path], cfg: RunConfig, device: torch.device) -> float:
     engine.eval()
     total, count = torch.zeros(2, dtype=torch.float64), 0
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = _data_parallel_rank_and_size(cfg)
     for inputs, targets in eval_batches(files, cfg.data.seq_len, cfg.train.micro_batch, rank, world, cfg.eval.tokens):
         total[0] += float(_loss(engine, inputs.to(device), targets.to(device))) * targets.numel()
         total[1] += targets.numel()
         count += 1
     engine.train()
-    if world > 1:
-        dist.all_reduce(total)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(total)  # every TP rank adds the same numbers: the ratio is unchanged
     return float(total[0] / total[1])
+
+
+def _data_parallel_rank_and_size(cfg: RunConfig) -> tuple[int, int]:
+    """This rank's data-parallel rank and size: all ranks of one tensor-parallel group must read the
+    same tokens (their row-parallel all-reduces add up partial results of the same inputs)."""
+    if cfg.train.tp_size > 1:
+        from deepspeed.utils import groups
+
+        return groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _single_process_defaults() -> None:
@@ -157,6 +168,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         _single_process_defaults()
         deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    tp = cfg.train.tp_size
+    if world % tp:
+        raise ValueError(f"train.tp_size={tp} does not divide the {world} launched ranks")
+    # Data parallelism runs over model replicas: every TP group reads the same micro-batches.
+    dp_world = world // tp
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -170,8 +186,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     train_files = list_shards(str(data_dir / "train_*.bin"))
     val_files = list_shards(str(data_dir / "val_*.bin"))
     model_config = build_model_config(cfg, meta)
-    plan = plan_run(cfg, world)
+    plan = plan_run(cfg, dp_world)
     ds_config = deepspeed_config(cfg, plan)
+    if tp > 1:
+        ds_config["tensor_parallel"] = autotp_config(model_config, tp)
+        # DeepSpeed 0.19.8 checks train_batch_size against micro × accumulation × *all* ranks before
+        # AutoTP forms its groups; left out, it is derived. The plan above counts replicas only.
+        ds_config.pop("train_batch_size", None)
     run_dir = cfg.run_path
     resolved = to_dict(cfg)
     if rank == 0:
@@ -188,11 +209,21 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         model = NormGPTForCausalLM(model_config)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = _build_optimizer(cfg, model, plan)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if tp > 1:
+        # AutoTP replaces the weights by their shards inside deepspeed.initialize; the optimizer
+        # must be built from the shards, so DeepSpeed gets a factory it calls afterwards.
+        built: list[torch.optim.Optimizer] = []
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, config=ds_config,
+            optimizer=lambda _params: built.append(_build_optimizer(cfg, model, plan)) or built[-1])
+        optimizer = built[0]
+    else:
+        optimizer = _build_optimizer(cfg, model, plan)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     peaks = [float(g["lr"]) for g in optimizer.param_groups]
 
-    stream = TokenStream(train_files, cfg.data.seq_len, cfg.train.micro_batch, rank, world, seed=cfg.data.seed)
+    dp_rank, _ = _data_parallel_rank_and_size(cfg)
+    stream = TokenStream(train_files, cfg.data.seq_len, cfg.train.micro_batch, dp_rank, dp_world, seed=cfg.data.seed)
     step, tokens = 0, 0
     resume_from = None
     if cfg.checkpoint.resume == "auto":

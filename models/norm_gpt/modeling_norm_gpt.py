@@ -18,6 +18,12 @@ of a given norm has the same effect at every width and depth. Concretely (SPEC s
 No norm has a gain and no linear layer has a bias: the only parameters are the embedding, the
 hidden matrices and the head, i.e. exactly the three Scion roles. Embedding and head are untied.
 
+Tensor parallelism (DeepSpeed AutoTP, see disco_ds/tensor_parallel.py) needs nothing from this file
+but two inert hooks: head counts come from the projections' output width (a column-parallel Wq
+yields this rank's heads), and the norms before Wo and W2 take their mean of squares over the
+whole width when the row-parallel layer they feed splits its input (`sharded_rms_norm`); with
+plain `nn.Linear` layers both are the ordinary computation.
+
 This file must keep importing only torch, transformers and its sibling configuration file (see
 configuration_norm_gpt.py for why).
 """
@@ -25,6 +31,7 @@ configuration_norm_gpt.py for why).
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -44,6 +51,50 @@ def rms_norm(x, eps):
     makes the result independent of the model dtype up to the final rounding.
     """
     return F.rms_norm(x.float(), (x.size(-1),), eps=eps).type_as(x)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a process group whose result every rank uses for its own slice of the activations:
+    the gradient of the sum is the sum of every rank's contribution, so backward all-reduces too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sharded_rms_norm(x, eps, width, group=None):
+    """RMSNorm over a last dimension of `width` entries that tensor parallelism splits over `group`.
+
+    Each rank holds a slice of the dimension (e.g. its heads before a row-parallel Wo); the mean of
+    squares is taken over the whole dimension (all-reduced partial sums, float32), never per shard,
+    so the result equals `rms_norm` of the unsplit tensor. With no group this *is* `rms_norm`.
+    """
+    if group is None:
+        return rms_norm(x, eps)
+    xf = x.float()
+    total = _AllReduceSum.apply(xf.square().sum(dim=-1, keepdim=True), group)
+    return (xf * torch.rsqrt(total / width + eps)).type_as(x)
+
+
+def row_parallel_group(linear):
+    """The tensor-parallel group over which `linear` splits its *input* dimension, or None.
+
+    DeepSpeed AutoTP replaces a row-parallel `nn.Linear` by a layer carrying `mp_group` and
+    `tp_world_size` (duck-typed here: this file imports no DeepSpeed). A plain `nn.Linear` has
+    neither, so without tensor parallelism the norms below are the ordinary ones.
+    """
+    if getattr(linear, "tp_world_size", 1) > 1:
+        return getattr(linear, "mp_group", None)
+    return None
 
 
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
@@ -123,9 +174,10 @@ class NormGPTAttention(nn.Module):
     def forward(self, x, cos, sin, attn_mask=None, is_causal=True, past_key_values=None):
         # x is already normalised by the block (the "block input before Wq/Wk/Wv" norm).
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        # -1 heads: under tensor parallelism Wq/Wk/Wv are column-parallel and yield this rank's heads.
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.qkv_norm:
             # Per head over head_dim: every head's query, key and value has RMS 1, so attention
             # logits are bounded by sqrt(head_dim) whatever the weights grow to.
@@ -142,12 +194,13 @@ class NormGPTAttention(nn.Module):
             attn_mask=attn_mask,
             is_causal=is_causal,
             scale=1.0 / math.sqrt(self.head_dim),
-            enable_gqa=self.n_kv_head != self.n_head,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)
         # The concatenated heads are a sum of convex combinations of unit-RMS values; normalise
-        # again so Wo, like every other matrix, sees RMS-1 input.
-        return self.wo(rms_norm(y, self.eps))
+        # again so Wo, like every other matrix, sees RMS-1 input. Over all n_head * head_dim
+        # entries: with a row-parallel Wo this rank holds only its heads' slice.
+        return self.wo(sharded_rms_norm(y, self.eps, self.n_head * self.head_dim, row_parallel_group(self.wo)))
 
 
 class NormGPTMLP(nn.Module):
@@ -155,14 +208,16 @@ class NormGPTMLP(nn.Module):
 
     def __init__(self, config: NormGPTConfig):
         super().__init__()
-        self.eps = config.norm_eps
+        self.eps, self.hidden = config.norm_eps, config.ffn_hidden_size
         self.w1 = nn.Linear(config.d_model, config.ffn_hidden_size, bias=False)  # gate
         self.w3 = nn.Linear(config.d_model, config.ffn_hidden_size, bias=False)  # up
         self.w2 = nn.Linear(config.ffn_hidden_size, config.d_model, bias=False)  # down
 
     def forward(self, x):
         # x is already normalised by the block (the "block input before the FFN" norm).
-        return self.w2(rms_norm(F.silu(self.w1(x)) * self.w3(x), self.eps))
+        # Normalised over the whole FFN width, also when a row-parallel W2 holds only a slice of it.
+        h = F.silu(self.w1(x)) * self.w3(x)
+        return self.w2(sharded_rms_norm(h, self.eps, self.hidden, row_parallel_group(self.w2)))
 
 
 class NormGPTBlock(GradientCheckpointingLayer):
