@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_orthogonalize.py
 	$(PY) benchmarks/bench_norm_gpt.py
 	$(PY) benchmarks/bench_zero_step.py --quick
+	$(PY) benchmarks/bench_tp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -164,7 +164,7 @@ def render(results: dict, args: argparse.Namespace, cfg: dict, meta: dict) -> st
         f"ns_method \"{cfg['ds_ns_method']}\", muon_update {'eager (--ds-eager)' if cfg['ds_eager'] else 'torch.compile-d (as shipped)'}; "
         f"Scion / naive comm dtype {cfg['comm_dtype']}")
     add(f"- timing: median of {cfg['steps']} iterations after {cfg['warmup']} warm-up, max over ranks; bytes summed over ranks")
-    add(f"- load average (1 min) before / after each launch: " + ", ".join(
+    add("- load average (1 min) before / after each launch: " + ", ".join(
         f"Z{s}/W{w} {r['load_before']:.2f}/{r['load_after']:.2f}" for (s, w), r in sorted(results.items())))
     add(f"- total wall time {meta['total_s']:.0f} s")
     add("")
