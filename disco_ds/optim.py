@@ -122,6 +122,7 @@ class Scion(torch.optim.Optimizer):
         self.process_group = process_group
         self.tensor_parallel_group = tensor_parallel_group
         """TP group of AutoTP-sharded weights (default: DeepSpeed's); used only when some are sharded."""
+        self._tensor_parallel: bool | None = None  # known once the groups exist (_uses_tensor_parallel)
         self.comm_dtype = comm_dtype
         self.max_gather_numel = max_gather_numel
         self.stats = ExchangeStats()
@@ -298,7 +299,7 @@ class Scion(torch.optim.Optimizer):
     def _uses_tensor_parallel(self) -> bool:
         """Whether any parameter of any group is an AutoTP shard: then every group's replicas are
         the data-parallel group, and every layout is lifted to the TP×DP grid."""
-        if getattr(self, "_tensor_parallel", None) is None:
+        if self._tensor_parallel is None:
             self._tensor_parallel = any(is_tensor_parallel(members) for members in self._members)
         return self._tensor_parallel
 

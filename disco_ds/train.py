@@ -125,12 +125,11 @@ def _loss(engine: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 @torch.no_grad()
 def _evaluate(engine: Any, files: list[Path], cfg: RunConfig, device: torch.device) -> float:
     engine.eval()
-    total, count = torch.zeros(2, dtype=torch.float64), 0
+    total = torch.zeros(2, dtype=torch.float64)
     rank, world = _data_parallel_rank_and_size(cfg)
     for inputs, targets in eval_batches(files, cfg.data.seq_len, cfg.train.micro_batch, rank, world, cfg.eval.tokens):
         total[0] += float(_loss(engine, inputs.to(device), targets.to(device))) * targets.numel()
         total[1] += targets.numel()
-        count += 1
     engine.train()
     if dist.get_world_size() > 1:
         dist.all_reduce(total)  # every TP rank adds the same numbers: the ratio is unchanged
@@ -209,17 +208,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         model = NormGPTForCausalLM(model_config)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if tp > 1:
-        # AutoTP replaces the weights by their shards inside deepspeed.initialize; the optimizer
-        # must be built from the shards, so DeepSpeed gets a factory it calls afterwards.
-        built: list[torch.optim.Optimizer] = []
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, config=ds_config,
-            optimizer=lambda _params: built.append(_build_optimizer(cfg, model, plan)) or built[-1])
-        optimizer = built[0]
-    else:
-        optimizer = _build_optimizer(cfg, model, plan)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # DeepSpeed gets a factory it calls once the model is final: AutoTP replaces the weights by
+    # their shards inside deepspeed.initialize, and the optimizer must hold what is stepped.
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                           optimizer=lambda _params: _build_optimizer(cfg, model, plan))
+    optimizer = engine.basic_optimizer  # ours (Scion or AdamW), not DeepSpeed's ZeRO wrapper
     peaks = [float(g["lr"]) for g in optimizer.param_groups]
 
     dp_rank, _ = _data_parallel_rank_and_size(cfg)
