@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
+from launching import torchrun
 
 from disco_ds.export import ExportError, _tie_aliases, add_arguments, clean_state_dict, export_checkpoint, main
 
@@ -63,20 +64,13 @@ torch.save(results, sys.argv[2])
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     """``ROOT/stage<S>/`` checkpoints and ``ROOT/stage<S>_logits.pt`` for every stage."""
     root = tmp_path_factory.mktemp("checkpoints")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(WORKER), json.dumps({"stages": list(STAGES), "steps": 2}), str(root)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(WORKER, 2, json.dumps({"stages": list(STAGES), "steps": 2}), str(root), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root
 

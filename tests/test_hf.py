@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launching import free_port, torchrun, worker_env  # noqa: E402
 from hf_worker import LR, MICRO_BATCH, PatternDataset, build_model, find_scion, make_trainer, training_arguments  # noqa: E402
 
 from disco_ds import Scion, scion_param_groups  # noqa: E402
@@ -51,18 +51,9 @@ ROUTES = ["cls_kwargs", "factory", "trainer"]
 NORMGPT_GROUPS = 3  # embedding, hidden, output: DeepSpeed calls Scion.step once per group per step
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(script: Path, cfg: dict, out: Path, world: int = 2, extra_env: dict | None = None) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(free_port()), str(script), json.dumps(cfg), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    env = worker_env(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", **(extra_env or {}))
+    proc = torchrun(script, world, json.dumps(cfg), str(out), env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(out, weights_only=False)
 

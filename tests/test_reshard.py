@@ -21,18 +21,14 @@ model's weights from the fp32 masters moves the probe loss by 5e-3, so 1e-5 tell
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from launching import torchrun
 
 WORKER = Path(__file__).parent / "reshard_worker.py"
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 LR, STEPS, GLOBAL_BATCH = 0.05, 4, 6
 MICRO = {2: 3, 3: 2}  # micro-batch per world size: global batch 6 either way
@@ -51,17 +47,8 @@ LOADERS = [name for name, (_, _, loads, _) in RUNS.items() if loads]
 REFERENCE = "z2w2"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), json.dumps(cfg), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun(WORKER, world, json.dumps(cfg), str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out, weights_only=False)
 

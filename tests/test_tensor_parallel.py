@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tp_worker import build_model, global_batches, probe_batch, scion_kwargs  # noqa: E402
+from launching import torchrun  # noqa: E402
 
 from disco_ds import Scion, scion_param_groups  # noqa: E402
 from disco_ds.distributed import ExchangeStats, Fragment, Layout, distributed_lmo, matrix_products  # noqa: E402
@@ -122,10 +123,7 @@ def test_merge_tp_shards() -> None:
 def run_workers(tmp_path: Path, world: int, **cfg) -> dict:
     cfg = {"steps": 3, "lr": 0.05, "tp": 2, **cfg}
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", str(29000 + (os.getpid() * 3 + world * 131 + cfg["stage"] * 17) % 400),
-           str(WORKER), json.dumps(cfg), str(tmp_path / "result.pt")]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = torchrun(WORKER, world, json.dumps(cfg), str(tmp_path / "result.pt"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     result["cfg"] = cfg

@@ -23,15 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from disco_ds.data import eval_batches, list_shards
+from launching import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STEPS, CKPT_EVERY, MICRO, SEQ = 24, 8, 4, 64
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
-
-
-def _port() -> int:
-    return 29300 + (os.getpid() * 7 + time.monotonic_ns()) % 500
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +78,7 @@ def single_node_run(data: Path, tmp: Path, stage: int) -> Path:
     """One uninterrupted 2-rank run per stage, shared by the tests that compare against it."""
     if stage not in _RUNS:
         run_dir = tmp / f"stage{stage}"
-        proc = run(launcher(overrides(data, run_dir, stage), _port()))
+        proc = run(launcher(overrides(data, run_dir, stage), free_port()))
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         _RUNS[stage] = run_dir
     return _RUNS[stage]
@@ -127,7 +124,7 @@ def test_two_simulated_nodes_match_one_node(data_dir: Path, runs_root: Path, tmp
     reference = losses(single_node_run(data_dir, runs_root, 2))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    run_dir, port = tmp_path / "multinode", _port()
+    run_dir, port = tmp_path / "multinode", free_port()
     procs = [subprocess.Popen(launcher(overrides(data_dir, run_dir), port,
                                        ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                                         "--master_addr", "127.0.0.1"]),
@@ -152,14 +149,14 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 def test_resume_after_sigkill_mid_training(data_dir: Path, runs_root: Path, tmp_path: Path) -> None:
     reference = losses(single_node_run(data_dir, runs_root, 2))
     run_dir = tmp_path / "killed"
-    cmd = launcher(overrides(data_dir, run_dir), _port())
+    cmd = launcher(overrides(data_dir, run_dir), free_port())
     proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for_step(run_dir, CKPT_EVERY + 3, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-training
     proc.wait()
     complete = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
     assert complete[-1] == f"step_{CKPT_EVERY:08d}"
-    resumed = run(launcher(overrides(data_dir, run_dir), _port()))
+    resumed = run(launcher(overrides(data_dir, run_dir), free_port()))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed     {run_dir / 'checkpoints' / f'step_{CKPT_EVERY:08d}'}" in resumed.stdout
     assert losses(run_dir) == reference
@@ -169,7 +166,7 @@ def test_resume_after_kill_during_save(data_dir: Path, runs_root: Path, tmp_path
     reference = losses(single_node_run(data_dir, runs_root, 2))
     run_dir = tmp_path / "killed-saving"
     env = {**ENV, "DISCO_DS_FAULT": f"kill-during-save@{2 * CKPT_EVERY}"}
-    crashed = run(launcher(overrides(data_dir, run_dir), _port()), env=env)
+    crashed = run(launcher(overrides(data_dir, run_dir), free_port()), env=env)
     assert crashed.returncode != 0
     checkpoints = run_dir / "checkpoints"
     # The engine files of step 16 were written, the checkpoint was never completed: the previous
@@ -177,7 +174,7 @@ def test_resume_after_kill_during_save(data_dir: Path, runs_root: Path, tmp_path
     assert (checkpoints / f".tmp_step_{2 * CKPT_EVERY:08d}" / "ds").is_dir()
     assert not (checkpoints / f"step_{2 * CKPT_EVERY:08d}").exists()
     assert (checkpoints / f"step_{CKPT_EVERY:08d}" / "COMPLETE").is_file()
-    resumed = run(launcher(overrides(data_dir, run_dir), _port()))
+    resumed = run(launcher(overrides(data_dir, run_dir), free_port()))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert losses(run_dir) == reference
     assert not list(checkpoints.glob(".tmp_*"))

@@ -16,7 +16,6 @@ the largest deviation measured over the bf16 cases is 0.013 after 3 steps, bound
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,20 +24,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launching import torchrun  # noqa: E402
 from zero_worker import build_model, global_batches  # noqa: E402
 
 from disco_ds import Scion, scion_param_groups  # noqa: E402
 
 WORKER = Path(__file__).parent / "zero_worker.py"
 BF16_MODEL_ATOL = 3e-2
-REPO = Path(__file__).resolve().parents[1]
 
 
 def launch(tmp_path: Path, world: int, cfg: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", str(29500 + os.getpid() % 1000), str(WORKER), json.dumps(cfg), str(tmp_path / "result.pt")]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return torchrun(WORKER, world, json.dumps(cfg), str(tmp_path / "result.pt"))
 
 
 def run_workers(tmp_path: Path, world: int, **cfg) -> dict:
