@@ -29,6 +29,7 @@ configuration_norm_gpt.py for why).
 """
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -119,39 +120,81 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def build_attention_mask(attention_mask, past_len, q_len, device):
-    """Return (mask, is_causal) for `F.scaled_dot_product_attention`.
+class AttentionMask:
+    """What decides which keys each query may attend to, turned into an SDPA mask per layer.
 
-    We build masks ourselves instead of using transformers' mask helpers, whose signatures differ
-    between 4.x and 5.x. Three cases:
-    - no padding and no cache: `is_causal=True`, SDPA's fast path;
-    - no padding, one new token after a cache: no mask at all (it may see every cached key);
-    - otherwise an explicit boolean [B or 1, 1, q_len, past_len + q_len] mask. SDPA's is_causal
-      aligns the triangle top-left, which is wrong once q_len != kv_len (chunked prefill), so
-      the cache case always gets an explicit bottom-right-aligned triangle.
+    Built once per forward from public inputs only (the padding mask, the positions, the cache's
+    length); the mask itself is made in the attention layer, after the cache update, because only
+    then is the number of keys known (a static cache returns all of its slots, filled or not).
+    Every decision below depends on which inputs are present and on shapes, never on their
+    values, so the forward compiles with `fullgraph=True` and exports with `torch.export`.
+
+    Args:
+        dense: a ready 4-D mask [B or 1, 1, queries, keys] (bool: True = attend; float: added to
+            the scores), as `generate` builds for compilable caches. Used as given.
+        padding: 2-D key mask [B, keys seen so far] (1 = token, 0 = padding).
+        query_slots: cache slot of every query [queries] when a cache is in use: keys beyond a
+            query's slot are the future (or unfilled static-cache slots). None without a cache.
+        documents: document index of every token [B or 1, queries] for packed rows (positions that
+            restart at 0 start a new document); None when rows are single documents.
     """
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise ValueError("NormGPT takes a 2-D padding mask [batch, past + new tokens] (1 = token, 0 = padding)")
-        if bool(attention_mask.all()):  # all ones: no padding, take the fast paths
-            attention_mask = None
-    if attention_mask is None:
-        if past_len == 0:
-            return None, True
-        if q_len == 1:
-            return None, False
-    kv_len = past_len + q_len
-    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]  # [1, 1, q_len, kv_len]
-    if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, :].bool()
-        # A padding query has no unmasked key at all. torch's CPU kernels return zeros for such a
-        # row, but a kernel that returns NaN would leak it into real tokens through 0 * NaN in
-        # later layers. Letting every query see itself keeps padding rows finite on any backend;
-        # real tokens already see themselves, so they are unaffected.
-        mask = mask | (k_pos == q_pos)[None, None]
-    return mask, False
+
+    def __init__(self, dense=None, padding=None, query_slots=None, documents=None):
+        self.dense, self.padding, self.query_slots, self.documents = dense, padding, query_slots, documents
+
+    def for_keys(self, n_keys, device):
+        """(attn_mask, is_causal) for `F.scaled_dot_product_attention` over `n_keys` keys."""
+        if self.dense is not None:
+            return self.dense, False
+        if self.padding is None and self.query_slots is None and self.documents is None:
+            return None, True  # plain causal attention: SDPA's fused causal path, no mask tensor
+        keys = torch.arange(n_keys, device=device)
+        # Without a cache queries and keys are the same tokens. With one, SDPA's is_causal would
+        # align the triangle top-left, which is wrong once there are fewer queries than keys; an
+        # explicit bottom-right triangle from the query slots is right for every cache.
+        queries = keys if self.query_slots is None else self.query_slots
+        same = keys[None, :] == queries[:, None]
+        mask = (keys[None, :] <= queries[:, None])[None, None]  # [1, 1, queries, keys]
+        if self.documents is not None:
+            mask = mask & (self.documents[:, :, None] == self.documents[:, None, :])[:, None]
+        if self.padding is not None:
+            padding = self.padding.bool()
+            if padding.shape[-1] < n_keys:  # a static cache's unfilled slots: the causal part masks them
+                padding = F.pad(padding, (0, n_keys - padding.shape[-1]), value=True)
+            mask = mask & padding[:, None, None, :]
+            # A padding query may have no unmasked key at all. torch's CPU kernels return zeros for
+            # such a row, but a kernel that returns NaN would leak it into real tokens through
+            # 0 * NaN in later layers. Letting every query see itself keeps padding rows finite on
+            # any backend; real tokens already see themselves, so they are unaffected.
+            mask = mask | same[None, None]
+        return mask, False
+
+
+def document_ids(position_ids):
+    """Document index of every token of packed rows: a position that restarts at 0 opens a new
+    document (what `DataCollatorWithFlattening` and the trainer's document masking produce)."""
+    return (position_ids == 0).cumsum(dim=-1)
+
+
+def eager_attention(q, k, v, attn_mask, is_causal, scale):
+    """Attention written out, returning (output, weights [B, heads, queries, keys]).
+
+    Numerically the same computation as SDPA (scores in float32, masked scores set to the dtype's
+    minimum rather than -inf so that a fully masked row stays finite, as HF's eager paths do).
+    """
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each KV head serves a group of queries
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attn_mask
+    weights = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(weights, v), weights
 
 
 # ----------------------------------------------------------------------------- layers
@@ -162,6 +205,7 @@ class NormGPTAttention(nn.Module):
 
     def __init__(self, config: NormGPTConfig, layer_idx: int):
         super().__init__()
+        self.config = config  # read at call time: `attn_implementation` may change after construction
         self.layer_idx = layer_idx  # which slot of the KV cache belongs to this layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.eps, self.qkv_norm, self.rope_theta = config.norm_eps, config.qkv_norm, config.rope_theta
@@ -171,8 +215,8 @@ class NormGPTAttention(nn.Module):
         self.wv = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask=None, is_causal=True, past_key_values=None):
-        # x is already normalised by the block (the "block input before Wq/Wk/Wv" norm).
+    def forward(self, x, cos, sin, mask, cache=None, cache_position=None, output_attentions=False):
+        """x [B, T, d] (already normalised by the block) -> (output [B, T, d], weights or None)."""
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism Wq/Wk/Wv are column-parallel and yield this rank's heads.
         q = self.wq(x).view(B, T, -1, self.head_dim)
@@ -184,23 +228,25 @@ class NormGPTAttention(nn.Module):
             q, k, v = rms_norm(q, self.eps), rms_norm(k, self.eps), rms_norm(v, self.eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
-        if past_key_values is not None:
-            # The cache stores post-RoPE keys and values and returns the whole history.
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            scale=1.0 / math.sqrt(self.head_dim),
-            enable_gqa=k.shape[1] != q.shape[1],
-        )
+        if cache is not None:
+            # The cache stores post-RoPE keys and values and returns every key so far (a static cache:
+            # all of its slots). transformers 4.x static caches need the slots; 5.x tracks them itself.
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
+        attn_mask, is_causal = mask.for_keys(k.shape[-2], x.device)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        weights = None
+        if output_attentions or getattr(self.config, "_attn_implementation", None) == "eager":
+            y, weights = eager_attention(q, k, v, attn_mask, is_causal, scale)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+            )
         y = y.transpose(1, 2).reshape(B, T, -1)
         # The concatenated heads are a sum of convex combinations of unit-RMS values; normalise
         # again so Wo, like every other matrix, sees RMS-1 input. Over all n_head * head_dim
         # entries: with a row-parallel Wo this rank holds only its heads' slice.
-        return self.wo(sharded_rms_norm(y, self.eps, self.n_head * self.head_dim, row_parallel_group(self.wo)))
+        y = self.wo(sharded_rms_norm(y, self.eps, self.n_head * self.head_dim, row_parallel_group(self.wo)))
+        return y, weights
 
 
 class NormGPTMLP(nn.Module):
@@ -232,14 +278,55 @@ class NormGPTBlock(GradientCheckpointingLayer):
         # "none": x + f(x). "depth": the authors' complete_p, x + f(x) / (2L) (see the config).
         self.residual_scale = 1.0 if config.residual_scaling == "none" else 1.0 / (2 * config.n_layer)
 
-    def forward(self, hidden_states, cos=None, sin=None, attn_mask=None, is_causal=True, past_key_values=None):
+    def forward(self, hidden_states, cos=None, sin=None, mask=None, cache=None, cache_position=None, output_attentions=False):
+        """-> (hidden_states, attention weights or None)."""
         x = hidden_states
-        x = x + self.residual_scale * self.attn(rms_norm(x, self.eps), cos, sin, attn_mask, is_causal, past_key_values)
+        y, weights = self.attn(rms_norm(x, self.eps), cos, sin, mask, cache, cache_position, output_attentions)
+        x = x + self.residual_scale * y
         x = x + self.residual_scale * self.mlp(rms_norm(x, self.eps))
-        return x
+        return x, weights
 
 
 # ----------------------------------------------------------------------------- HF models
+
+# transformers 5.24 renamed the cache from `past_key_values` to `cache`, in `forward`'s arguments and in
+# the output classes (the old names still work there, with a deprecation warning). NormGPT accepts
+# both names and fills the output field this version declares.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# Keyword arguments callers send that NormGPT may ignore, and why. Any other unused keyword warns
+# once, naming it, so that the next renamed argument is seen at once.
+IGNORED_KWARGS = {
+    "cache_position": "transformers 4.x generate(); the cache's own length gives the positions",
+    "cu_seq_lens_q": "flash-attention varlen metadata; documents are read from position_ids",
+    "cu_seq_lens_k": "flash-attention varlen metadata; documents are read from position_ids",
+    "max_length_q": "flash-attention varlen metadata; documents are read from position_ids",
+    "max_length_k": "flash-attention varlen metadata; documents are read from position_ids",
+}
+# The causal LM passes these to `self.loss_function`.
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+_warned_kwargs = set()
+
+
+def _warn_unused_kwargs(kwargs):
+    for name in kwargs:
+        if name not in IGNORED_KWARGS and name not in _warned_kwargs:
+            _warned_kwargs.add(name)
+            warnings.warn(f"NormGPT ignores the keyword argument {name!r}", stacklevel=3)
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _resolve_cache(past_key_values, cache):
+    """The cache under either of its names (see `_CACHE_FIELD`)."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    cache = past_key_values if cache is None else cache
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError("the cache must be a transformers Cache (e.g. DynamicCache), not legacy tuples")
+    return cache
 
 
 class NormGPTPreTrainedModel(PreTrainedModel):
@@ -247,8 +334,10 @@ class NormGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["NormGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True  # we always call F.scaled_dot_product_attention directly
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_sdpa = True  # SDPA is the default; "eager" writes attention out and can return its weights
+    _supports_static_cache = True  # transformers 4.x asks before building a static cache
+    _can_compile_fullgraph = True  # no data-dependent branches (see AttentionMask)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -308,38 +397,84 @@ class NormGPTModel(NormGPTPreTrainedModel):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
-        **kwargs,  # e.g. cache_position from transformers 4.x generate(); positions come from the cache
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache=None,
+        **kwargs,
     ):
+        """Hidden states of `input_ids` (or `inputs_embeds`) [B, T].
+
+        attention_mask: 2-D [B, cached + new tokens] (1 = token, 0 = padding) or a ready 4-D mask.
+        position_ids: [B or 1, T]; without a cache, positions that restart at 0 inside a row mark
+            packed documents, and each token then attends only within its document.
+        cache / past_key_values: a transformers `Cache` to read and extend (either name).
+        hidden_states (with output_hidden_states): the embeddings, every block's output but the
+            last, and the final normalised output (= last_hidden_state), as in Llama.
+        """
+        _warn_unused_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cfg = self.config
+        output_attentions = _pick(output_attentions, cfg.output_attentions)
+        output_hidden_states = _pick(output_hidden_states, cfg.output_hidden_states)
+        return_dict = _pick(return_dict, cfg.return_dict)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
 
+        cache = _resolve_cache(past_key_values, cache)
         if use_cache is None:
             # By default cache only at inference: in training the cache would just keep every
             # layer's keys and values alive until the caller drops the output.
-            use_cache = self.config.use_cache and not self.training
+            use_cache = cfg.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputation would append to the cache a second time
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not legacy tuples")
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        fresh_cache = use_cache and cache is None
+        if fresh_cache:
+            cache = DynamicCache()
+        past_len = cache.get_seq_length() if cache is not None and not fresh_cache else 0
+        slots = torch.arange(T, device=x.device) + past_len if cache is not None else None
 
+        documents = None
         if position_ids is None:
             # Positions continue after the cache. Rows of a left-padded batch need no offsets of
             # their own: RoPE scores depend only on the distance between query and key.
-            position_ids = torch.arange(past_len, past_len + T, device=x.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids[None, :]
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        attn_mask, is_causal = build_attention_mask(attention_mask, past_len, T, x.device)
+            position_ids = torch.arange(T, device=x.device)[None, :] + past_len
+        else:
+            if position_ids.dim() == 1:
+                position_ids = position_ids[None, :]
+            if cache is None or fresh_cache:  # nothing cached: the rows may be packed documents
+                documents = document_ids(position_ids)  # a single document is plain causal
+        if attention_mask is not None and attention_mask.dim() not in (2, 4):
+            raise ValueError("attention_mask must be 2-D [batch, cached + new tokens] or a 4-D attention mask")
+        mask = AttentionMask(
+            dense=attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None,
+            padding=attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
+            query_slots=slots,
+            documents=documents,
+        )
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
 
+        hidden_states, attentions = (), ()
         for layer in self.layers:
-            x = layer(x, cos=cos, sin=sin, attn_mask=attn_mask, is_causal=is_causal, past_key_values=past_key_values)
-        x = rms_norm(x, self.config.norm_eps)  # final norm before the head
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None)
+            if output_hidden_states:
+                hidden_states += (x,)
+            x, weights = layer(
+                x, cos=cos, sin=sin, mask=mask, cache=cache, cache_position=slots, output_attentions=output_attentions
+            )
+            if output_attentions:
+                attentions += (weights,)
+        x = rms_norm(x, cfg.norm_eps)  # final norm before the head
+        if output_hidden_states:
+            hidden_states += (x,)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            hidden_states=hidden_states if output_hidden_states else None,
+            attentions=attentions if output_attentions else None,
+            **{_CACHE_FIELD: cache if use_cache else None},
+        )
+        return output if return_dict else output.to_tuple()
 
 
 class NormGPTForCausalLM(NormGPTPreTrainedModel, GenerationMixin):
@@ -372,21 +507,31 @@ class NormGPTForCausalLM(NormGPTPreTrainedModel, GenerationMixin):
         inputs_embeds=None,
         labels=None,
         use_cache=None,
-        logits_to_keep=0,
+        output_attentions=None,
+        output_hidden_states=None,
         return_dict=None,
+        logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
         """Logits for the (last `logits_to_keep`, 0 = all) positions; with `labels` (same shape as
         input_ids, -100 = ignore) also the next-token loss. Labels are shifted inside the loss, as in
-        every HF causal LM. Extra keyword arguments such as Trainer's `num_items_in_batch` go to
-        `self.loss_function`, which then normalises by that count instead of the local mean."""
+        every HF causal LM. The Trainer's `num_items_in_batch` (and `ignore_index`, `shift_labels`)
+        go to `self.loss_function`, which then normalises by that count instead of the local mean.
+        Every other argument is the base model's (`NormGPTModel.forward`)."""
+        loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
         # Generation asks for the last position only; skipping the other rows of the vocab-wide
@@ -396,11 +541,16 @@ class NormGPTForCausalLM(NormGPTPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
 
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
-        return output.to_tuple() if return_dict is False else output
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{_CACHE_FIELD: outputs[_CACHE_FIELD] if _CACHE_FIELD in outputs else None},
+        )
+        return output if _pick(return_dict, self.config.return_dict) else output.to_tuple()
 
 
 __all__ = ["NormGPTPreTrainedModel", "NormGPTModel", "NormGPTForCausalLM"]
