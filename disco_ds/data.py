@@ -64,6 +64,7 @@ __all__ = [
     "list_shards",
     "TokenStream",
     "eval_batches",
+    "document_positions",
 ]
 
 HEADER_INTS = 256
@@ -308,6 +309,23 @@ class _Windows:
 def _to_tensors(buf: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.from_numpy(buf)
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def document_positions(inputs: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Position ids that restart at 0 after every end-of-text token of ``inputs`` [B, T].
+
+    Shards separate documents with end-of-text, so a training window usually holds the tail of one
+    document and the head of the next. Fed as ``position_ids``, these make NormGPT attend only
+    within each document (it reads a restart at 0 as a document boundary) and start every
+    document's RoPE at 0. The end-of-text token closes its document: the token after it opens the
+    next. Computed on the tensor's device, without a host sync.
+    """
+    t = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    opens = torch.zeros_like(inputs, dtype=torch.bool)
+    opens[:, 1:] = inputs[:, :-1] == eot_id
+    opens[:, 0] = True
+    start = torch.where(opens, t, torch.zeros_like(t)).cummax(dim=1).values
+    return t - start
 
 
 def _check_layout(micro_batch: int, rank: int, world_size: int) -> None:

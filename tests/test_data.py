@@ -612,3 +612,23 @@ def test_gpt2_tokenizer_from_local_file(tmp_path):
     assert hf.convert_tokens_to_ids(EOT) == tok.eot_id
     with pytest.raises(FileNotFoundError, match="gpt2.tiktoken"):
         prep.make_tokenizer(f"gpt2:{tmp_path / 'absent.tiktoken'}")
+
+
+def test_document_positions_restart_after_end_of_text_and_mask_like_separate_documents():
+    from disco_ds.data import document_positions
+    from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
+
+    eot = 7
+    inputs = torch.tensor([[3, 4, eot, 5, 6, 8, eot, eot, 9], [eot, 1, 2, 3, 4, 5, 6, 1, 2]])
+    assert document_positions(inputs, eot).tolist() == [
+        [0, 1, 2, 0, 1, 2, 3, 0, 0],
+        [0, 0, 1, 2, 3, 4, 5, 6, 7],
+    ]
+    # The model given these positions treats every document as if it were run alone.
+    torch.manual_seed(0)
+    model = NormGPTForCausalLM(NormGPTConfig.from_preset("tiny", vocab_size=16)).eval()
+    row = inputs[:1]
+    with torch.no_grad():
+        packed = model(row, position_ids=document_positions(row, eot), use_cache=False).logits
+        alone = torch.cat([model(row[:, a:b]).logits for a, b in ((0, 3), (3, 7), (7, 8), (8, 9))], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
