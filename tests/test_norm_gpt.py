@@ -123,13 +123,16 @@ def test_init_matches_scion_geometry(model):
     hidden, head = head_and_hidden(model)
     assert len(hidden) == 7 * model.config.n_layer
     shapes = set()
+    residual_out = 1 / math.sqrt(2 * model.config.n_layer)  # the paper's total-depth init of Wo and W2
     for name, lin in hidden:
         w = lin.weight.detach().double()
         d_out, d_in = w.shape
         shapes.add((d_out, d_in))
         s = torch.linalg.svdvals(w) * math.sqrt(d_in / d_out)  # singular values in RMS->RMS units
-        # RMS->RMS norm (largest) is 1 and all singular values are equal: scaled semi-orthogonal.
-        torch.testing.assert_close(s, torch.ones_like(s), atol=1e-5, rtol=0, msg=name)
+        # All singular values equal (scaled semi-orthogonal), RMS->RMS norm 1, or 1/sqrt(2L) for the
+        # last matrix of each residual branch.
+        gain = residual_out if name.endswith((".wo", ".w2")) else 1.0
+        torch.testing.assert_close(s, torch.full_like(s, gain), atol=1e-5, rtol=0, msg=name)
     assert any(o != i for o, i in shapes), "tiny preset should include rectangular matrices"
 
     rows = head.weight.detach().double().norm(dim=1)
@@ -256,7 +259,7 @@ def test_gradient_checkpointing_gives_same_loss_and_grads():
 # ----------------------------------------------------------------------------- sizes
 
 
-@pytest.mark.parametrize("preset", ["tiny", "124m", "1.3b", "proxy"])  # proxy: GQA
+@pytest.mark.parametrize("preset", ["tiny", "124m", "1.3b", "paper-proxy", "paper-d8"])
 def test_parameter_counts_match_instantiated_model(preset):
     config = NormGPTConfig.from_preset(preset)
     counts = config.parameter_counts()
@@ -284,6 +287,39 @@ def test_presets_have_spec_shapes():
         assert c.tie_word_embeddings is False
     with pytest.raises(ValueError):
         NormGPTConfig(tie_word_embeddings=True)
+
+
+# The paper's family (arXiv 2510.03871, appendix A.2): layers, width, heads of 64, and its rounded sizes.
+PAPER_FAMILY = {
+    "paper-proxy": (4, 256, 4, 68_878_336, "69M"),
+    "paper-w4": (4, 1024, 16, 314_048_512, "314M"),
+    "paper-w12": (4, 3072, 48, 1_250_426_880, "1.25B"),
+    "paper-d8": (32, 256, 4, 91_357_184, "91M"),
+    "paper-d32": (128, 256, 4, 168_427_520, "168M"),
+}
+
+
+@pytest.mark.parametrize("preset", PAPER_FAMILY)
+def test_paper_presets_have_the_papers_shapes_and_counts(preset):
+    layers, width, heads, total, rounded = PAPER_FAMILY[preset]
+    c = NormGPTConfig.from_preset(preset)
+    assert (c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.head_dim) == (layers, width, heads, heads, 64)
+    assert (c.vocab_size, c.ffn_hidden_size, c.norm_eps, c.max_position_embeddings) == (128256, 2.75 * width, 1e-20, 4096)
+    assert c.parameter_counts()["total"] == total
+    value, unit = float(rounded[:-1]), {"M": 1e6, "B": 1e9}[rounded[-1]]
+    assert abs(total / unit - value) < 0.5 * 10 ** -(len(rounded[:-1].split(".")[-1]) if "." in rounded else 0)
+    assert c.residual_out_gain == 1 / math.sqrt(2 * layers)
+
+
+def test_residual_out_init_option():
+    for option, gain in ((None, 1 / math.sqrt(4)), (1.0, 1.0), (0.5, 0.5)):
+        m = make_model(init_residual_out=option)
+        for name, lin in m.named_modules():
+            if isinstance(lin, nn.Linear) and lin is not m.lm_head:
+                expected = gain if name.endswith((".wo", ".w2")) else 1.0
+                sigma = torch.linalg.matrix_norm(lin.weight.double(), ord=2).item()
+                assert abs(sigma * math.sqrt(lin.in_features / lin.out_features) - expected) < 1e-5, (option, name)
+    assert NormGPTConfig.from_preset("tiny").to_dict()["init_residual_out"] is None  # saved, and reloaded as the default
 
 
 # ----------------------------------------------------------------------------- checkpoints

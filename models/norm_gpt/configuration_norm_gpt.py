@@ -5,8 +5,9 @@ transformers, so `save_pretrained` can copy them next to the weights and anyone 
 checkpoint with `trust_remote_code=True`, without the disco_ds package. Keep it that way: no
 imports from disco_ds or models.* here.
 
-Shapes are the ones of SPEC section 2. The size presets ("tiny", "124m", "350m", "760m", "1.3b",
-and the paper's "proxy") are available through `NormGPTConfig.from_preset`, and
+Shapes are the ones of SPEC section 2. The size presets ("tiny", the GPT ladder "124m" ... "1.3b",
+and the paper's family "paper-proxy", "paper-w4", "paper-w12", "paper-d8", "paper-d32") are
+available through `NormGPTConfig.from_preset`, and
 `NormGPTConfig.parameter_counts()` gives exact parameter counts from the config alone.
 """
 
@@ -22,6 +23,24 @@ logger = logging.getLogger(__name__)
 
 # GPT-2's 50,257 tokens padded to a multiple of 128, as in the recipes.
 GPT2_PADDED_VOCAB = 50304
+# The Llama-3 tokenizer's vocabulary, the paper's (arXiv 2510.03871, appendix A.2).
+LLAMA3_VOCAB = 128256
+
+
+def _paper_model(n_layer, d_model):
+    """The paper's Llama-3-style family: heads of 64 (as many KV heads as query heads), SwiGLU width
+    2.75 d, the Llama-3 vocabulary, sequences of 4096, norm eps 1e-20 (its appendix A.2)."""
+    return dict(
+        vocab_size=LLAMA3_VOCAB,
+        d_model=d_model,
+        n_layer=n_layer,
+        n_head=d_model // 64,
+        head_dim=64,
+        ffn_hidden_size=int(2.75 * d_model),
+        max_position_embeddings=4096,
+        norm_eps=1e-20,
+    )
+
 
 # Shapes of the named sizes. Everything not listed falls back to the constructor defaults
 # (head_dim 128, SwiGLU hidden 8d/3 rounded up to 64, RoPE 10,000, ...).
@@ -33,9 +52,12 @@ PRESETS = {
     "350m": dict(vocab_size=GPT2_PADDED_VOCAB, d_model=1024, n_layer=24, n_head=8),
     "760m": dict(vocab_size=GPT2_PADDED_VOCAB, d_model=1536, n_layer=24, n_head=12),
     "1.3b": dict(vocab_size=GPT2_PADDED_VOCAB, d_model=2048, n_layer=24, n_head=16),
-    # The paper's proxy model: d 256, 24 layers, 2 query heads sharing 1 KV head, ~100k vocabulary
-    # (cl100k's 100,277 tokens padded to a multiple of 128), about 69M parameters.
-    "proxy": dict(vocab_size=100352, d_model=256, n_layer=24, n_head=2, n_kv_head=1),
+    # The paper's model family: the 69M proxy and its width and depth scalings.
+    "paper-proxy": _paper_model(4, 256),  # 69M, most of it the two embeddings
+    "paper-w4": _paper_model(4, 1024),  # 314M
+    "paper-w12": _paper_model(4, 3072),  # 1.25B, the paper's "1.3B"
+    "paper-d8": _paper_model(32, 256),  # 91M
+    "paper-d32": _paper_model(128, 256),  # 168M
 }
 
 RESIDUAL_SCALINGS = ("none", "depth")
@@ -77,6 +99,10 @@ class NormGPTConfig(_BaseConfig):
             with RMS->RMS operator norm `gain` (Scion's spectral geometry: 1).
         init_head_rms_inf: RMS->inf operator norm of the output head at init, i.e. every head row has
             L2 norm `init_head_rms_inf / sqrt(d_model)` (Scion's row-norm geometry: 1).
+        init_residual_out: extra factor on the init of the last matrix of every residual branch
+            (attention Wo, MLP W2). None: the paper's total-depth init 1/sqrt(2 n_layer), so that the
+            2L branches together add an update of the same size whatever the depth; 1.0 turns it off.
+            The residual connections themselves stay unscaled (see `residual_scaling`).
         tie_word_embeddings: must be False. Embedding and head live in different geometries (Scion
             treats them with different LMOs), so they are never shared. Set explicitly because
             transformers 4.x defaults to True when a config does not say.
@@ -111,6 +137,7 @@ class NormGPTConfig(_BaseConfig):
         init_embed_rms=1.0,
         init_hidden_gain=1.0,
         init_head_rms_inf=1.0,
+        init_residual_out=None,
         use_cache=True,
         bos_token_id=None,
         eos_token_id=None,
@@ -157,6 +184,7 @@ class NormGPTConfig(_BaseConfig):
         self.init_embed_rms = float(init_embed_rms)
         self.init_hidden_gain = float(init_hidden_gain)
         self.init_head_rms_inf = float(init_head_rms_inf)
+        self.init_residual_out = None if init_residual_out is None else float(init_residual_out)
         self.use_cache = use_cache
         # transformers 5 no longer declares these on the base class, 4.x does: set them ourselves
         # and pass them on, so both versions see the same values.
@@ -172,12 +200,19 @@ class NormGPTConfig(_BaseConfig):
             **kwargs,
         )
 
+    @property
+    def residual_out_gain(self):
+        """The init factor of every residual branch's output matrix (see `init_residual_out`)."""
+        if self.init_residual_out is None:
+            return 1.0 / math.sqrt(2 * self.n_layer)
+        return self.init_residual_out
+
     # ---------------------------------------------------------------- sizes
 
     @classmethod
     def from_preset(cls, name, **overrides):
-        """A config for one of `PRESETS` ("tiny", "124m", "350m", "760m", "1.3b", "proxy"), with
-        any field overridden by keyword. Logs its parameter counts at INFO level."""
+        """A config for one of `PRESETS` (see the module docstring), with any field overridden by
+        keyword. Logs its parameter counts at INFO level."""
         key = name.lower()
         if key not in PRESETS:
             raise KeyError(f"unknown NormGPT preset {name!r}; choose from {sorted(PRESETS)}")

@@ -214,6 +214,7 @@ class NormGPTAttention(nn.Module):
         self.wk = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.wv = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        self.wo.is_residual_out = True  # read by _init_weights: the branch's last matrix
 
     def forward(self, x, cos, sin, mask, cache=None, cache_position=None, output_attentions=False):
         """x [B, T, d] (already normalised by the block) -> (output [B, T, d], weights or None)."""
@@ -258,6 +259,7 @@ class NormGPTMLP(nn.Module):
         self.w1 = nn.Linear(config.d_model, config.ffn_hidden_size, bias=False)  # gate
         self.w3 = nn.Linear(config.d_model, config.ffn_hidden_size, bias=False)  # up
         self.w2 = nn.Linear(config.ffn_hidden_size, config.d_model, bias=False)  # down
+        self.w2.is_residual_out = True  # read by _init_weights: the branch's last matrix
 
     def forward(self, x):
         # x is already normalised by the block (the "block input before the FFN" norm).
@@ -347,8 +349,9 @@ class NormGPTPreTrainedModel(PreTrainedModel):
         - hidden matrices [d_out, d_in]: semi-orthogonal * sqrt(d_out/d_in), i.e. every singular
           value is sqrt(d_out/d_in) and the RMS->RMS operator norm is exactly `init_hidden_gain`;
         - head [vocab, d]: every row has L2 norm `init_head_rms_inf / sqrt(d)`, so the RMS->inf
-          operator norm sqrt(d) * max_i ||W[i, :]|| equals `init_head_rms_inf`.
-        No depth-dependent down-scaling (the authors' default).
+          operator norm sqrt(d) * max_i ||W[i, :]|| equals `init_head_rms_inf`;
+        - the last matrix of every residual branch (Wo, W2) is further scaled by
+          `config.residual_out_gain` (the paper's 1/sqrt(2 n_layer) by default).
         """
         weight = getattr(module, "weight", None)
         if not isinstance(module, (nn.Embedding, nn.Linear)) or weight is None:
@@ -370,6 +373,8 @@ class NormGPTPreTrainedModel(PreTrainedModel):
             torch.nn.init.orthogonal_(w)  # float32 QR: orthogonal_ does not support bf16
             d_out, d_in = w.shape
             w *= cfg.init_hidden_gain * math.sqrt(d_out / d_in)
+            if getattr(module, "is_residual_out", False):
+                w *= cfg.residual_out_gain
         weight.copy_(w)
 
 
