@@ -15,7 +15,7 @@ COMPAT_TESTS ?= tests/test_norm_gpt.py tests/test_norm_gpt_contract.py tests/tes
 VERSIONS := import importlib.metadata as m; print(" ".join(f"{p}=={m.version(p)}" for p in \
 	("torch", "deepspeed", "transformers", "accelerate", "safetensors", "tokenizers", "wandb", "numpy")))
 
-.PHONY: install test demo bench clean constraints test-latest test-oldest
+.PHONY: install test demo bench clean constraints test-latest test-oldest gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ demo: $(STAMP)
 		data.path=$(DEMO_DATA) train.run_dir=$(DEMO_RUN) $(DEMO_ARGS)
 	$(PY) -m disco_ds export $(DEMO_RUN) $(DEMO_RUN)/hf --dtype float32 --force
 	$(PY) -m disco_ds.demo $(DEMO_RUN)/hf
+
+# The GPU acceptance run (benchmarks/gpu_check.py): on the GPUs present every case trains, resumes,
+# exports and loads, plus throughput and Newton–Schulz TFLOP/s; without a GPU it prints its plan.
+# No $(STAMP) prerequisite: on an offline GPU machine run it with that machine's Python
+# (make gpu-check PY=python3 GPU_CHECK_ARGS='--out results/gpu_check.md').
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_orthogonalize.py
