@@ -87,3 +87,56 @@ def test_read_horizons_takes_the_last_row_of_each_step_and_names_what_is_missing
         read_horizons(path, [6 * 256], 256)
     with pytest.raises(ValueError, match="whole number of batches"):
         read_horizons(path, [1000], 256)
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_on_tiny_runs_and_a_killed_sweep_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    source = tmp_path / "text"
+    source.mkdir()
+    for doc in range(20):  # documents of varied text; validation takes whole documents
+        (source / f"{doc}.txt").write_text("".join(f"{doc}:{i} the quick brown fox jumps over the lazy dog {i * doc}\n" for i in range(400)))
+    subprocess.run([sys.executable, "-m", "disco_ds", "prepare", "--input", str(source), "--tokenizer", "byte",
+                    "--out", str(data)], check=True, capture_output=True)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "disco_ds", "sweep", str(root / "recipes" / "tiny.yaml"), f"data.path={data}",
+           "train.micro_batch=16", "logging.wandb=false", "eval.tokens=8192",
+           "--lr", "0.02,0.3", "--batch-tokens", "2048", "--horizons", "8192,16384", "--out", str(out)]
+    first = out / "runs" / "lr0.02_b2048" / "result.json"
+    proc = subprocess.Popen(cmd, cwd=root, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not first.is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert first.is_file(), proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "first run timed out"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the run it started
+        proc.wait()
+    stamp = first.stat().st_mtime_ns
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert first.stat().st_mtime_ns == stamp  # the finished run was not redone
+    assert "sweep: run lr0.02_b2048" not in done.stdout
+
+    document = json.loads((out / "sweep.json").read_text())
+    assert set(document) == {"runs", "fit"}
+    assert [(r["lr"], r["batch_tokens"]) for r in document["runs"]] == [(0.02, 2048), (0.3, 2048)]
+    for run in document["runs"]:
+        assert set(run) == {"lr", "batch_tokens", "horizons"}
+        assert [h["tokens"] for h in run["horizons"]] == [8192, 16384]
+        for h in run["horizons"]:
+            assert set(h) == {"tokens", "loss", "val_loss", "output_norm"}
+            assert all(isinstance(h[k], float) and math.isfinite(h[k]) for k in ("loss", "val_loss", "output_norm"))
+    low, high = document["runs"]
+    for a, b in zip(low["horizons"], high["horizons"]):
+        assert b["output_norm"] > a["output_norm"]  # the norm grows with the learning rate
+    assert [h["tokens"] for h in document["fit"]["horizons"]] == [8192, 16384]
+    assert (out / "loss_vs_lr.png").stat().st_size > 10_000 and (out / "loss_vs_norm.png").stat().st_size > 10_000
