@@ -1,10 +1,11 @@
-"""``python -m disco_ds`` / ``disco-ds``: train, prepare, export, recipe.
+"""``python -m disco_ds`` / ``disco-ds``: train, prepare, export, recipe, sweep.
 
     disco-ds prepare --input DIR --out data/stdlib-bytes --tokenizer byte --glob '*.py'
     disco-ds recipe recipes/gpt-124m.yaml [key=value ...] [--world-size 8]
     disco-ds train recipes/tiny.yaml [key=value ...]
     deepspeed --num_gpus 8 --module disco_ds train recipes/gpt-124m.yaml [key=value ...]
     disco-ds export runs/tiny/checkpoints/step_00000977 exported/tiny
+    disco-ds sweep recipes/tiny.yaml --lr 0.05,0.1,0.2 --batch-tokens 2048,4096 --horizons 524288,1048576 --out runs/sweep
 
 The ``deepspeed`` launcher appends ``--local_rank=N``; it is accepted and ignored (the rank comes
 from the environment the launcher sets).
@@ -53,7 +54,7 @@ def _recipe(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from disco_ds import export, prepare
+    from disco_ds import export, prepare, sweep
 
     parser = argparse.ArgumentParser(prog="disco-ds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp = commands.add_parser("export", help="turn a training checkpoint into a Hugging Face model folder")
     export.add_arguments(exp)
     exp.set_defaults(run=export.main)
+    swp = commands.add_parser("sweep", help="the paper's lr x batch x horizon sweep with its fits and plots")
+    sweep.add_arguments(swp)
+    swp.set_defaults(run=sweep.main)
     return parser
 
 
