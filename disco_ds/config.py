@@ -40,6 +40,7 @@ OPTIMIZERS = ("scion", "adamw")
 DECAY_SHAPES = ("linear", "sqrt", "cosine")
 NS_METHODS = ("quintic", "polar_express", "svd")
 COMM_DTYPES = ("bfloat16", "float32")
+GRAD_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -51,7 +52,7 @@ class ModelConfig:
     """NormGPT: a size preset plus any :class:`~models.norm_gpt.NormGPTConfig` field."""
 
     preset: str = "tiny"
-    """One of ``models.norm_gpt.PRESETS``: tiny, 124m, 350m, 760m, 1.3b, proxy."""
+    """One of ``models.norm_gpt.PRESETS``: tiny, 124m, 350m, 760m, 1.3b, paper-proxy, paper-w4, paper-w12, paper-d8, paper-d32."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """NormGPTConfig fields that replace the preset's (e.g. ``n_layer: 4``). ``vocab_size`` defaults
     to the data's tokenizer rounded up to a multiple of 64."""
@@ -134,6 +135,11 @@ class TrainConfig:
     """Tensor-parallel ranks per model replica (DeepSpeed AutoTP); the data-parallel size is the
     world size divided by it. 1: no tensor parallelism."""
     bf16: bool = True
+    grad_dtype: str = "float32"
+    """dtype in which DeepSpeed accumulates micro-batch gradients and reduces them over ranks:
+    ``float32`` (Megatron's fp32 main gradient) or ``bfloat16`` (half the gradient memory and
+    traffic). Only matters with ``bf16: true``; without ZeRO (``zero_stage: 0``) DeepSpeed
+    accumulates in the model's dtype, so a bf16 model there needs ``bfloat16``."""
     seed: int = 0
     reference_world_size: int = 8
     """Data-parallel size the recipe is sized for (what ``disco_ds recipe`` prints)."""
@@ -289,6 +295,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(s.warmup + s.decay <= 1, "schedule.decay", f"warmup ({s.warmup}) + decay ({s.decay}) exceed the whole run")
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     _require(t.tp_size >= 1, "train.tp_size", f"must be at least 1, got {t.tp_size}")
+    _require(t.grad_dtype in GRAD_DTYPES, "train.grad_dtype", f"{t.grad_dtype!r} is not one of {list(GRAD_DTYPES)}")
+    _require(t.bf16 or t.grad_dtype == "float32", "train.grad_dtype",
+             "bfloat16 needs train.bf16=true (an fp32 model has fp32 gradients)")
+    # DeepSpeed 0.19.8 raises NotImplementedError for a bf16 model with fp32 accumulation outside ZeRO.
+    _require(not (t.bf16 and t.zero_stage == 0 and t.grad_dtype == "float32"), "train.grad_dtype",
+             "float32 with train.bf16=true needs train.zero_stage 1, 2 or 3: without ZeRO DeepSpeed accumulates "
+             "gradients in the model's bf16. Use train.zero_stage=1 (no extra memory on one rank) or train.grad_dtype=bfloat16")
     _require(t.tokens > 0, "train.tokens", "the token budget must be positive")
     _require(t.micro_batch >= 1, "train.micro_batch", "must be at least 1")
     _require(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")

@@ -64,6 +64,50 @@ def _deepspeed_dir(checkpoint: Path) -> tuple[Path, str]:
     return ds_dir, tag
 
 
+def _bf16_optimizer_files(ds_dir: Path) -> list[Path]:
+    """The per-rank files of DeepSpeed's ``BF16_Optimizer`` (ZeRO-1 with a bf16 model and fp32
+    gradient accumulation, the trainer's default for bf16 at stage 1), in rank order; else ``[]``.
+
+    They hold fp32 master partitions but no ``zero_stage``, so ``zero_to_fp32`` cannot read them."""
+    files = sorted(ds_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda f: int(f.name.split("_")[4]))
+    if not files:
+        return []
+    state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get("optimizer_state_dict", {})
+    return files if {"single_partition_of_fp32_groups", "param_slice_mappings"} <= state.keys() else []
+
+
+def _bf16_optimizer_masters(files: list[Path], module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a ``BF16_Optimizer`` checkpoint, keyed like ``module``.
+
+    Each param group is one flat buffer (the group's parameters back to back, padded at the end)
+    cut into equal partitions, one per rank: concatenating the ranks' partitions restores it. The
+    parameters' order comes from the per-rank ``param_slice_mappings`` (name -> where this rank's
+    fragment sits in its partition), their sizes from the module weights; every fragment address
+    is checked against the layout this implies. Frozen parameters keep their module weight."""
+    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    masters = {name: t.float() for name, t in module.items()}
+    for group, _ in enumerate(states[0]["single_partition_of_fp32_groups"]):
+        partitions = [s["single_partition_of_fp32_groups"][group] for s in states]
+        size = partitions[0].numel()
+        flat = torch.cat(partitions)
+        names = list(dict.fromkeys(name for s in states for name in s["param_slice_mappings"][group]))
+        offset = 0
+        for name in names:
+            numel = module[name].numel()
+            for rank, s in enumerate(states):
+                address = s["param_slice_mappings"][group].get(name)
+                lo, hi = max(offset, rank * size), min(offset + numel, (rank + 1) * size)
+                expected = (lo - rank * size, hi - lo) if lo < hi else None
+                found = (address.start, address.numel) if address is not None else None
+                if found != expected:
+                    raise ExportError(f"{files[rank]}: {name} is at {found} of param group {group}, "
+                                      f"expected {expected}: not the flat layout of DeepSpeed's BF16_Optimizer")
+            masters[name] = flat[offset:offset + numel].view(module[name].shape).clone()
+            offset += numel
+    return masters
+
+
 def _is_zero_checkpoint(ds_dir: Path) -> bool:
     """Whether ``ds_dir`` holds ZeRO (stage 1–3) partitions that ``zero_to_fp32`` understands.
 
@@ -94,7 +138,8 @@ def load_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a trainer checkpoint, on CPU, with wrapper prefixes removed.
 
     ZeRO stages 1–3: the fp32 master partitions of every rank, merged by
-    ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``. Stage 0: the
+    ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``, or for DeepSpeed's
+    ``BF16_Optimizer`` (ZeRO-1, bf16 model, fp32 gradients) by :func:`_bf16_optimizer_masters`. Stage 0: the
     ``module`` state of ``mp_rank_00_model_states.pt`` (with bf16 at stage 0 these are the 16-bit
     training weights, not fp32 masters; a warning says so).
     """
@@ -126,19 +171,20 @@ def load_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     if _is_zero_checkpoint(ds_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
-    else:
-        model_file = ds_dir / "mp_rank_00_model_states.pt"
-        if not model_file.is_file():
-            raise ExportError(f"checkpoint {checkpoint} has neither ZeRO partitions nor {model_file}")
-        # DeepSpeed's own files, pickled with non-tensor objects: weights_only=False as DeepSpeed loads them.
-        module = torch.load(model_file, map_location="cpu", weights_only=False).get("module")
-        if not module:
-            raise ExportError(f"{model_file} holds no 'module' weights")
-        if any(t.is_floating_point() and t.dtype != torch.float32 for t in module.values()):
-            warnings.warn(f"{model_file}: stage-0 module weights are not fp32; exporting them as they are", stacklevel=2)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    return clean_state_dict(state)
+        return clean_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag))
+    model_file = ds_dir / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise ExportError(f"checkpoint {checkpoint} has neither ZeRO partitions nor {model_file}")
+    # DeepSpeed's own files, pickled with non-tensor objects: weights_only=False as DeepSpeed loads them.
+    module = torch.load(model_file, map_location="cpu", weights_only=False).get("module")
+    if not module:
+        raise ExportError(f"{model_file} holds no 'module' weights")
+    bf16_files = _bf16_optimizer_files(ds_dir)
+    if bf16_files:
+        return clean_state_dict(_bf16_optimizer_masters(bf16_files, module))
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in module.values()):
+        warnings.warn(f"{model_file}: stage-0 module weights are not fp32; exporting them as they are", stacklevel=2)
+    return clean_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module.items()})
 
 
 # ---------------------------------------------------------------------------- building the model

@@ -166,17 +166,23 @@ class MetricsLogger:
     # ------------------------------------------------------------------ public
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record the training metrics of optimizer step ``step`` (call it every step)."""
-        if not self.enabled:
+        """Record the training metrics of optimizer step ``step`` (every step, here or in :meth:`log_steps`)."""
+        self.log_steps([(step, metrics)])
+
+    def log_steps(self, rows: list[tuple[int, dict[str, Any]]]) -> None:
+        """Record the metrics of consecutive optimizer steps read back together (the trainer reads
+        the device once per log interval). They count as one span for the ETA."""
+        if not self.enabled or not rows:
             return
-        metrics = {k: _as_number(v) for k, v in metrics.items()}
-        self._time_step(step)
-        self._write(step, metrics)
-        if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(metrics), refresh=False)
-            self._bar.update(step - self._bar.n)
-        elif step % self.log_interval == 0 or step == self.total_steps:
-            print(self._console_line(step, metrics), flush=True)
+        self._time_step(rows[-1][0])
+        for step, raw in rows:
+            metrics = {k: _as_number(v) for k, v in raw.items()}
+            self._write(step, metrics)
+            if self._bar is not None:
+                self._bar.set_postfix_str(self._postfix(metrics), refresh=False)
+                self._bar.update(step - self._bar.n)
+            elif step % self.log_interval == 0 or step == self.total_steps:
+                print(self._console_line(step, metrics), flush=True)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         """Record validation metrics at ``step``; keys get a ``val/`` prefix. Always printed."""

@@ -8,6 +8,7 @@ follows the WSD schedule times its role's peak; the SPEC 4 norms come from insid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,11 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from deepspeed.accelerator import get_accelerator
 
 from disco_ds.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from disco_ds.config import RunConfig, to_dict
 from disco_ds.data import TokenStream, eval_batches, list_shards
-from disco_ds.deepspeed_config import check_deepspeed_config
+from disco_ds.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, resolve_auto
 from disco_ds.metrics import MetricsLogger, flops_per_token, memory_gib
 from disco_ds.optim import Scion
 from disco_ds.param_groups import classify_parameters, scion_param_groups
@@ -35,10 +37,22 @@ from disco_ds.schedule import wsd_factor
 from models.norm_gpt.configuration_norm_gpt import NormGPTConfig
 from models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
 
-__all__ = ["train", "NonFiniteLoss", "deepspeed_config", "build_model_config"]
+__all__ = ["train", "NonFiniteLoss", "deepspeed_config", "engine_config", "build_model_config", "build_model",
+           "build_engine", "communication_device"]
 
-# Keys of the DeepSpeed config that the recipe owns: a user JSON may not contradict the plan.
-PLAN_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# Keys of the DeepSpeed config that the recipe owns, with the recipe keys that set them: a user JSON
+# may leave them out, set them to "auto" or repeat the recipe's value, never contradict it.
+OWNED_KEYS = {
+    "train_batch_size": "train.micro_batch / train.global_batch_tokens",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.micro_batch / train.global_batch_tokens",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.bf16",
+    "fp16.enabled": "train.bf16 (the trainer runs bf16 or fp32)",
+    "data_types.grad_accum_dtype": "train.grad_dtype",
+    "communication_data_type": "train.grad_dtype",
+}
+_MISSING = object()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,10 +66,30 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
 def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
     """The engine's config, generated from the recipe: no optimizer section (the optimizer is our
     object), clipping off (SPEC 3: Scion's LMO is scale-invariant and the paper trains without
-    clipping), then the keys of ``train.deepspeed`` (a JSON file) on top."""
+    clipping), gradients accumulated and reduced in ``train.grad_dtype``, then the keys of
+    ``train.deepspeed`` (a JSON file) on top.
+
+    The JSON may be one of the Hugging Face templates in ``recipes/deepspeed/``: its ``"auto"``
+    values take the recipe's (batch sizes, precision) or DeepSpeed's defaults (bucket sizes), see
+    :func:`~disco_ds.deepspeed_config.resolve_auto`.
+
+    Raises:
+        FileNotFoundError: ``train.deepspeed`` does not exist.
+        ValueError: the JSON contradicts a key the recipe owns (naming both), or the config would
+            not run Scion (:func:`~disco_ds.deepspeed_config.check_deepspeed_config`).
+    """
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.accumulation,
@@ -63,6 +97,8 @@ def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
         "gradient_clipping": 0.0,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "bf16": {"enabled": cfg.train.bf16},
+        "fp16": {"enabled": False},
+        **gradient_dtype_keys(cfg.train.grad_dtype),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -71,16 +107,26 @@ def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
         path = Path(cfg.train.deepspeed)
         if not path.is_file():
             raise FileNotFoundError(f"train.deepspeed: {path} does not exist")
-        user = json.loads(path.read_text())
-        for key in PLAN_KEYS:
-            if key in user and user[key] != config[key]:
-                raise ValueError(f"{path}: {key}={user[key]!r} contradicts the recipe's plan ({config[key]!r}); "
-                                 "set train.micro_batch / train.global_batch_tokens in the recipe instead")
-        if user.get("zero_optimization", {}).get("stage", cfg.train.zero_stage) != cfg.train.zero_stage:
-            raise ValueError(f"{path}: zero_optimization.stage contradicts train.zero_stage={cfg.train.zero_stage}")
+        user = resolve_auto(json.loads(path.read_text()), config)
+        for key, owner in OWNED_KEYS.items():
+            theirs, ours = _lookup(user, key), _lookup(config, key)
+            if theirs is not _MISSING and theirs != ours:
+                raise ValueError(f"{path}: {key}={theirs!r} contradicts the recipe's plan ({ours!r}); "
+                                 f"set {owner} in the recipe instead (or \"auto\" in the JSON)")
         config = _merge(config, user)
     if cfg.optimizer.name == "scion":
         check_deepspeed_config(config)
+    return config
+
+
+def engine_config(cfg: RunConfig, plan: Plan, model_config: NormGPTConfig) -> dict[str, Any]:
+    """:func:`deepspeed_config` plus what tensor parallelism adds: the config the trainer's engine gets."""
+    config = deepspeed_config(cfg, plan)
+    if cfg.train.tp_size > 1:
+        config["tensor_parallel"] = autotp_config(model_config, cfg.train.tp_size)
+        # DeepSpeed 0.19.8 checks train_batch_size against micro × accumulation × *all* ranks before
+        # AutoTP forms its groups; left out, it is derived. The plan counts replicas only.
+        config.pop("train_batch_size", None)
     return config
 
 
@@ -109,12 +155,74 @@ def _build_optimizer(cfg: RunConfig, model: torch.nn.Module, plan: Plan) -> torc
     return torch.optim.AdamW(groups, betas=tuple(o.adamw_betas), eps=o.adamw_eps, weight_decay=o.weight_decay)
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().reshape(1).cpu()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
+def communication_device() -> torch.device:
+    """This rank's accelerator (the CPU on a CPU-only machine), made current: the device of the
+    engine, of every tensor the trainer hands to a collective and of the model's initialisation."""
+    accelerator = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    accelerator.set_device(local_rank)
+    return torch.device(accelerator.device_name(local_rank))
+
+
+def _initialise_weights(model: NormGPTForCausalLM, seed: int) -> None:
+    """NormGPT's own init (``_init_weights``: the Scion geometry), module by module, from the
+    generators reseeded with ``seed``. A ZeRO-3 weight is gathered whole around its init and rank
+    0's values are partitioned back; every rank draws the same numbers, so the generators stay in
+    step across ranks."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter):
+            continue
+        gathered = (deepspeed.zero.GatheredParameters([weight], modifier_rank=0) if hasattr(weight, "ds_id")
+                    else contextlib.nullcontext())
+        with gathered:
+            model._init_weights(module)
+
+
+def build_model(cfg: RunConfig, model_config: NormGPTConfig, ds_config: dict[str, Any],
+                device: torch.device) -> NormGPTForCausalLM:
+    """The NormGPT the engine trains, with the same initial weights bit for bit at every ZeRO stage.
+
+    ZeRO-3 builds the model inside ``deepspeed.zero.Init``, where each parameter is already an
+    empty partition when the model's ``post_init`` runs: Hugging Face's init sees nothing to
+    initialise. Stages 0–2 build it on the meta device (no init at all, nothing allocated twice)
+    and allocate it on ``device``. Either way the init then runs here on whole weights on
+    ``device``, from generators reseeded with ``train.seed``, so the weights depend on the seed
+    and the device type only, not on what construction drew from the global generator.
+    """
+    if cfg.train.zero_stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = NormGPTForCausalLM(model_config)
+    else:
+        with torch.device("meta"):
+            model = NormGPTForCausalLM(model_config)
+        model.to_empty(device=device)
+    _initialise_weights(model, cfg.train.seed)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def build_engine(cfg: RunConfig, model_config: NormGPTConfig, plan: Plan, ds_config: dict[str, Any],
+                 device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
+    """``(engine, optimizer)``: the DeepSpeed engine around :func:`build_model`'s model and our
+    optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it)."""
+    model = build_model(cfg, model_config, ds_config, device)
+    # DeepSpeed gets a factory it calls once the model is final: AutoTP replaces the weights by
+    # their shards inside deepspeed.initialize, and the optimizer must hold what is stepped.
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                           optimizer=lambda _params: _build_optimizer(cfg, model, plan))
+    return engine, engine.basic_optimizer
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``batch`` (host memory) on ``device`` without waiting: a copy from pageable memory would
+    block the host until the accelerator has finished all queued work, once per micro-batch;
+    from pinned memory it is queued like a kernel."""
+    if device.type == "cpu":
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def _loss(engine: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -124,16 +232,19 @@ def _loss(engine: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def _evaluate(engine: Any, files: list[Path], cfg: RunConfig, device: torch.device) -> float:
+    """Mean validation loss over every rank's share of the validation windows. The sums stay on
+    ``device`` (the communication device) until one all-reduce and one read at the end."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss·tokens, tokens
     rank, world = _data_parallel_rank_and_size(cfg)
     for inputs, targets in eval_batches(files, cfg.data.seq_len, cfg.train.micro_batch, rank, world, cfg.eval.tokens):
-        total[0] += float(_loss(engine, inputs.to(device), targets.to(device))) * targets.numel()
+        total[0] += _loss(engine, _to_device(inputs, device), _to_device(targets, device)).double() * targets.numel()
         total[1] += targets.numel()
     engine.train()
     if dist.get_world_size() > 1:
         dist.all_reduce(total)  # every TP rank adds the same numbers: the ratio is unchanged
-    return float(total[0] / total[1])
+    loss_tokens, count = total.tolist()
+    return loss_tokens / count
 
 
 def _data_parallel_rank_and_size(cfg: RunConfig) -> tuple[int, int]:
@@ -156,6 +267,40 @@ def _single_process_defaults() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+class _PendingSteps:
+    """Optimizer steps whose loss is still on the device, read back together at the next log point.
+
+    Reading a device scalar on the host waits for every kernel queued before it; once per step
+    that would drain the accelerator's queue every step. The trainer reads at a log point (every
+    ``logging.interval`` steps, before an evaluation or a checkpoint, at the end) with one
+    all-reduce of all pending losses and one copy; tokens/s is the rate over that span.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict[str, Any]]] = []
+        self.losses: list[torch.Tensor] = []
+        self.since = time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor, metrics: dict[str, Any]) -> None:
+        """Queue ``step``'s mean micro-batch loss (a 0-dim tensor on the device) and other metrics."""
+        self.rows.append((step, metrics))
+        self.losses.append(loss.reshape(()).float())
+
+    def read(self) -> tuple[list[tuple[int, float, dict[str, Any]]], float]:
+        """``([(step, loss averaged over ranks, metrics), ...], seconds per step)`` of the pending
+        steps (at least one: the trainer reads right after queueing a step)."""
+        losses = torch.stack(self.losses)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(losses)
+            losses /= dist.get_world_size()
+        values = losses.tolist()
+        now = time.perf_counter()
+        seconds_per_step = (now - self.since) / len(self.rows)
+        out = [(step, value, metrics) for (step, metrics), value in zip(self.rows, values)]
+        self.rows, self.losses, self.since = [], [], now
+        return out, seconds_per_step
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) the configured pretraining; returns the final step, losses and checkpoint.
 
@@ -172,10 +317,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         raise ValueError(f"train.tp_size={tp} does not divide the {world} launched ranks")
     # Data parallelism runs over model replicas: every TP group reads the same micro-batches.
     dp_world = world // tp
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.train.seed)
+    device = communication_device()
 
     data_dir = Path(cfg.data.path)
     if not (data_dir / "meta.json").is_file():
@@ -186,12 +328,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     val_files = list_shards(str(data_dir / "val_*.bin"))
     model_config = build_model_config(cfg, meta)
     plan = plan_run(cfg, dp_world)
-    ds_config = deepspeed_config(cfg, plan)
-    if tp > 1:
-        ds_config["tensor_parallel"] = autotp_config(model_config, tp)
-        # DeepSpeed 0.19.8 checks train_batch_size against micro × accumulation × *all* ranks before
-        # AutoTP forms its groups; left out, it is derived. The plan above counts replicas only.
-        ds_config.pop("train_batch_size", None)
+    ds_config = engine_config(cfg, plan, model_config)
     run_dir = cfg.run_path
     resolved = to_dict(cfg)
     if rank == 0:
@@ -201,18 +338,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         print(format_plan(cfg, plan), flush=True)
         print(f"model       {model_config.describe()}", flush=True)
 
-    if cfg.train.zero_stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = NormGPTForCausalLM(model_config)
-    else:
-        model = NormGPTForCausalLM(model_config)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    # DeepSpeed gets a factory it calls once the model is final: AutoTP replaces the weights by
-    # their shards inside deepspeed.initialize, and the optimizer must hold what is stepped.
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           optimizer=lambda _params: _build_optimizer(cfg, model, plan))
-    optimizer = engine.basic_optimizer  # ours (Scion or AdamW), not DeepSpeed's ZeRO wrapper
+    engine, optimizer = build_engine(cfg, model_config, plan, ds_config, device)
     peaks = [float(g["lr"]) for g in optimizer.param_groups]
 
     dp_rank, _ = _data_parallel_rank_and_size(cfg)
@@ -243,12 +369,32 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     scion = isinstance(optimizer, Scion)
     last_checkpoint = resume_from
     loss_value = val_loss = float("nan")
+    pending = _PendingSteps()
 
     def checkpoint() -> Path:
         trainer_state = {"step": step, "tokens": tokens, "data": stream.state_dict(), "world_size": world,
                          "batch_tokens": plan.batch_tokens, "loss": loss_value}
         return save_checkpoint(engine, run_dir, step, trainer_state, resolved, model_config,
                                tokenizer_dir if tokenizer_dir.is_dir() else None, cfg.checkpoint.keep)
+
+    def log_pending() -> None:
+        """Read the pending steps, stop at the first non-finite loss, log the others."""
+        nonlocal loss_value
+        rows = []
+        read, seconds_per_step = pending.read()
+        tokens_per_s = plan.batch_tokens / seconds_per_step
+        for row_step, loss, metrics in read:
+            if not math.isfinite(loss):
+                logger.log_steps(rows)
+                message = (f"loss is {loss} at step {row_step}: stopping. The newest checkpoint "
+                           f"({last_checkpoint or 'none yet'}) is the last good one and was not touched.")
+                if rank == 0:
+                    print(message, flush=True)
+                raise NonFiniteLoss(message)
+            loss_value = loss
+            rows.append((row_step, {"loss": loss, **metrics, "tokens_per_s": tokens_per_s,
+                                    "mfu": flops * tokens_per_s / peak_flops if peak_flops > 0 else 0.0}))
+        logger.log_steps(rows)
 
     while step < plan.run_steps:
         factor = wsd_factor(step, plan.steps, cfg.schedule.warmup, cfg.schedule.decay, cfg.schedule.decay_shape,
@@ -257,39 +403,32 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             group["lr"] = peak * factor
         if scion:
             optimizer.track_norms = step % cfg.logging.norms_interval == 0
-        start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for _ in range(plan.accumulation):
             inputs, targets = stream.next_batch()
-            loss = _loss(engine, inputs.to(device), targets.to(device))
+            loss = _loss(engine, _to_device(inputs, device), _to_device(targets, device))
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach()
-        loss_value = _mean_over_ranks(loss_sum / plan.accumulation)
         step += 1
         tokens += plan.batch_tokens
-        if not math.isfinite(loss_value):
-            message = (f"loss is {loss_value} at step {step}: stopping. The newest checkpoint "
-                       f"({last_checkpoint or 'none yet'}) is the last good one and was not touched.")
-            if rank == 0:
-                print(message, flush=True)
-            raise NonFiniteLoss(message)
-        elapsed = time.perf_counter() - start
-        metrics: dict[str, float] = {"loss": loss_value, "tokens": float(tokens),
-                                     "tokens_per_s": plan.batch_tokens / elapsed,
-                                     "memory_gib": memory_gib()}
-        metrics["mfu"] = flops * metrics["tokens_per_s"] / peak_flops if peak_flops > 0 else 0.0
+        metrics: dict[str, Any] = {"tokens": float(tokens), "memory_gib": memory_gib()}
         for group in optimizer.param_groups:
             metrics[f"lr/{group['role']}"] = float(group["lr"])
         if scion:
             metrics.update(optimizer.pop_metrics())
-        logger.log(step, metrics)
+        pending.add(step, loss_sum / plan.accumulation, metrics)
 
         last = step == plan.run_steps
-        if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
+        evaluate = bool(cfg.eval.interval and step % cfg.eval.interval == 0) or last
+        save = bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last
+        # A checkpoint is only written after its step's loss was read and found finite.
+        if step % cfg.logging.interval == 0 or evaluate or save:
+            log_pending()
+        if evaluate:
             val_loss = _evaluate(engine, val_files, cfg, device)
             logger.log_eval(step, {"loss": val_loss})
-        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
+        if save:
             last_checkpoint = checkpoint()
     logger.close()
     return {"step": step, "tokens": tokens, "loss": loss_value, "val_loss": val_loss,

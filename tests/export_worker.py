@@ -1,11 +1,15 @@
 """One rank of the checkpoints that tests/test_export.py exports.
 
-    torchrun --nproc_per_node 2 tests/export_worker.py '{"stages": [0, 2, 3], "steps": 2}' ROOT
+    torchrun --nproc_per_node 2 tests/export_worker.py '{"stages": [0, 2, 3], "bf16_stages": [1], "steps": 2}' ROOT
 
 For every ZeRO stage: a tiny NormGPT trained for a few steps with disco_ds.Scion inside the
 DeepSpeed engine, saved in the trainer's checkpoint layout under ``ROOT/stage<S>/`` (``ds/``,
 ``latest``, ``model/config.json``, ``trainer_state.json``, ``config.yaml``, ``COMPLETE``), plus, from
 rank 0, ``ROOT/stage<S>_logits.pt``: the live model's logits on fixed input ids.
+
+Every stage in ``bf16_stages`` is also run with a bf16 model and the trainer's default fp32
+gradients (at stage 1 that is DeepSpeed's ``BF16_Optimizer``), saved under ``ROOT/stage<S>_bf16/``,
+with the full fp32 master weights in ``ROOT/stage<S>_bf16_masters.pt``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import torch.distributed as dist
 
 import deepspeed
 
+from deepspeed.utils import safe_get_full_fp32_param
+
 from disco_ds import Scion, scion_param_groups
+from disco_ds.deepspeed_config import gradient_dtype_keys
 from disco_ds.distributed import shutdown_and_exit
 from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
 
@@ -32,7 +39,7 @@ def input_ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
-def run_stage(stage: int, steps: int, root: Path, rank: int, world: int) -> None:
+def run_stage(stage: int, steps: int, root: Path, rank: int, world: int, bf16: bool = False) -> None:
     torch.manual_seed(0)
     model = NormGPTForCausalLM(NormGPTConfig.from_preset("tiny"))
     ds_config = {
@@ -42,6 +49,8 @@ def run_stage(stage: int, steps: int, root: Path, rank: int, world: int) -> None
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage},
     }
+    if bf16:
+        ds_config.update({"bf16": {"enabled": True}, **gradient_dtype_keys("float32")})
     optimizer = Scion(scion_param_groups(model, lr=0.01))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     vocab = model.config.vocab_size
@@ -52,8 +61,10 @@ def run_stage(stage: int, steps: int, root: Path, rank: int, world: int) -> None
         engine.backward(loss)
         engine.step()
 
-    ckpt = root / f"stage{stage}"
+    name = f"stage{stage}_bf16" if bf16 else f"stage{stage}"
+    ckpt = root / name
     engine.save_checkpoint(str(ckpt), tag="ds")
+    masters = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()} if bf16 else {}
     engine.module.eval()
     ids = input_ids(vocab)
     with torch.no_grad():
@@ -69,7 +80,9 @@ def run_stage(stage: int, steps: int, root: Path, rank: int, world: int) -> None
         (ckpt / "trainer_state.json").write_text(json.dumps({"step": steps, "stage": stage, "world_size": world}))
         (ckpt / "config.yaml").write_text(f"model: tiny\nzero_stage: {stage}\n")
         (ckpt / "COMPLETE").write_text("")
-        torch.save({"ids": ids, "logits": logits}, root / f"stage{stage}_logits.pt")
+        torch.save({"ids": ids, "logits": logits}, root / f"{name}_logits.pt")
+        if bf16:
+            torch.save(masters, root / f"{name}_masters.pt")
     dist.barrier()
 
 
@@ -80,6 +93,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     for stage in cfg["stages"]:
         run_stage(stage, cfg.get("steps", 2), root, rank, world)
+    for stage in cfg.get("bf16_stages", []):
+        run_stage(stage, cfg.get("steps", 2), root, rank, world, bf16=True)
     shutdown_and_exit()
 
 

@@ -87,6 +87,35 @@ def test_bad_configuration_names_the_key(override: str, needle: str) -> None:
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["train.grad_dtype=fp16"], "train.grad_dtype: 'fp16' is not one of ['float32', 'bfloat16']"),
+        (["train.bf16=false", "train.grad_dtype=bfloat16"], "train.grad_dtype: bfloat16 needs train.bf16=true"),
+        (["train.bf16=true", "train.zero_stage=0"], "train.grad_dtype: float32 with train.bf16=true needs train.zero_stage 1, 2 or 3"),
+    ],
+)
+def test_bad_gradient_dtype_names_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "recipes/tiny.yaml", overrides)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradients_are_accumulated_and_reduced_in_fp32_by_default(stage: int) -> None:
+    cfg = load_config(REPO / "recipes/gpt-124m.yaml", [f"train.zero_stage={stage}"])
+    assert cfg.train.bf16 and cfg.train.grad_dtype == "float32"
+    ds = deepspeed_config(cfg, plan_run(cfg, 8))
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    cfg = load_config(REPO / "recipes/gpt-124m.yaml", [f"train.zero_stage={stage}", "train.grad_dtype=bfloat16"])
+    ds = deepspeed_config(cfg, plan_run(cfg, 8))
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16"} and ds["communication_data_type"] == "bf16"
+    # Without ZeRO a bf16 model runs with bf16 gradients only (DeepSpeed 0.19.8), when asked for.
+    cfg = load_config(REPO / "recipes/gpt-124m.yaml", ["train.zero_stage=0", "train.grad_dtype=bfloat16"])
+    assert deepspeed_config(cfg, plan_run(cfg, 8))["data_types"] == {"grad_accum_dtype": "bf16"}
+
+
 def test_overrides_and_exponent_literals() -> None:
     cfg = load_config(REPO / "recipes/tiny.yaml", ["train.tokens=3e6", "model.overrides={n_layer: 3}", "optimizer.lr=0.05"])
     assert cfg.train.tokens == 3e6 and cfg.model.overrides == {"n_layer": 3} and cfg.optimizer.lr == 0.05
@@ -119,6 +148,53 @@ def test_user_deepspeed_json_overrides_but_cannot_contradict_the_plan(tmp_path: 
     (tmp_path / "ds.json").write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
     with pytest.raises(ValueError, match="'optimizer' section"):
         deepspeed_config(cfg, plan)
+    for key, value, owner in [
+        ("zero_optimization", {"stage": 3}, "zero_optimization.stage=3 contradicts the recipe's plan \\(2\\); set train.zero_stage"),
+        ("bf16", {"enabled": True}, "bf16.enabled=True contradicts .* set train.bf16"),
+        ("fp16", {"enabled": True}, "fp16.enabled=True contradicts"),
+        ("communication_data_type", "bf16", "communication_data_type='bf16' contradicts .* set train.grad_dtype"),
+        ("data_types", {"grad_accum_dtype": "bf16"}, "data_types.grad_accum_dtype='bf16' contradicts"),
+    ]:
+        (tmp_path / "ds.json").write_text(json.dumps({key: value}))
+        with pytest.raises(ValueError, match=owner):
+            deepspeed_config(cfg, plan)
+
+
+TEMPLATES = sorted((REPO / "recipes/deepspeed").glob("*.json"))
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=[p.stem for p in TEMPLATES])
+def test_shipped_deepspeed_templates_work_with_the_trainer(template: Path) -> None:
+    """The Hugging Face templates' "auto" values take the recipe's (batch sizes, bf16) or
+    DeepSpeed's defaults (buckets); everything else in them is kept."""
+    user = json.loads(template.read_text())
+    stage = user["zero_optimization"]["stage"]
+    for bf16 in (True, False):
+        cfg = load_config(REPO / "recipes/gpt-124m.yaml",
+                          [f"train.deepspeed={template}", f"train.zero_stage={stage}", f"train.bf16={str(bf16).lower()}"])
+        plan = plan_run(cfg, 8)
+        ds = deepspeed_config(cfg, plan)
+
+        def autos(node: object) -> list[str]:
+            if isinstance(node, dict):
+                return [k for k, v in node.items() if v == "auto"] + [a for v in node.values() for a in autos(v)]
+            return []
+
+        assert not autos(ds), autos(ds)
+        assert ds["train_micro_batch_size_per_gpu"] == plan.micro_batch
+        assert ds["gradient_accumulation_steps"] == plan.accumulation
+        assert ds["train_batch_size"] == plan.micro_batch * plan.accumulation * 8
+        assert ds["bf16"] == {"enabled": bf16} and ds["fp16"] == {"enabled": False}
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+        zero = ds["zero_optimization"]
+        assert "reduce_bucket_size" not in zero  # "auto": DeepSpeed's default
+        kept = {k: v for k, v in user["zero_optimization"].items() if v != "auto"}
+        assert kept.items() <= zero.items()
+        assert user.get("zero_force_ds_cpu_optimizer", True) == ds.get("zero_force_ds_cpu_optimizer", True)
+    wrong = 1 if stage != 1 else 2
+    cfg = load_config(REPO / "recipes/gpt-124m.yaml", [f"train.deepspeed={template}", f"train.zero_stage={wrong}"])
+    with pytest.raises(ValueError, match=f"zero_optimization.stage={stage} contradicts .* set train.zero_stage"):
+        deepspeed_config(cfg, plan_run(cfg, 8))
 
 
 def test_recipe_command_prints_the_derivation() -> None:

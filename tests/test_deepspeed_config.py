@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from disco_ds.deepspeed_config import check_deepspeed_config
+from disco_ds.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, resolve_auto
 
 GOOD = {
     "train_micro_batch_size_per_gpu": 2,
@@ -47,3 +47,20 @@ def test_no_muon_trigger_in_our_classes() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     Scion(scion_param_groups(model, lr=0.1))
     assert not any(hasattr(p, "use_muon") for p in model.parameters())
+
+
+def test_gradient_dtype_keys() -> None:
+    assert gradient_dtype_keys("float32") == {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+    assert gradient_dtype_keys("bfloat16") == {"data_types": {"grad_accum_dtype": "bf16"}, "communication_data_type": "bf16"}
+    with pytest.raises(ValueError, match=r"grad_dtype='fp16' is not one of \['float32', 'bfloat16'\]"):
+        gradient_dtype_keys("fp16")
+
+
+def test_resolve_auto_takes_the_generated_value_or_drops_the_key() -> None:
+    user = {"train_batch_size": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto", "overlap_comm": True}, "extra": {}}
+    generated = {"train_batch_size": 64, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    assert resolve_auto(user, generated) == {
+        "train_batch_size": 64, "bf16": {"enabled": True},  # fp16 held only "auto": DeepSpeed's default
+        "zero_optimization": {"stage": 2, "overlap_comm": True}, "extra": {},
+    }

@@ -68,9 +68,10 @@ torch.save(results, sys.argv[2])
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
-    """``ROOT/stage<S>/`` checkpoints and ``ROOT/stage<S>_logits.pt`` for every stage."""
+    """``ROOT/stage<S>/`` checkpoints and ``ROOT/stage<S>_logits.pt`` for every stage, and the bf16
+    ZeRO-1 checkpoint ``ROOT/stage1_bf16/`` with its fp32 masters."""
     root = tmp_path_factory.mktemp("checkpoints")
-    proc = torchrun(WORKER, 2, json.dumps({"stages": list(STAGES), "steps": 2}), str(root), timeout=300)
+    proc = torchrun(WORKER, 2, json.dumps({"stages": list(STAGES), "bf16_stages": [1], "steps": 2}), str(root), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root
 
@@ -117,6 +118,23 @@ def test_fp32_export_reproduces_the_live_model(exports, checkpoints, stage):
     assert result["module"].startswith("transformers_modules")  # the code shipped in the folder
     assert result["dtype"] == "torch.float32"
     torch.testing.assert_close(result["logits"], live, atol=1e-5, rtol=0)
+
+
+def test_bf16_zero1_export_holds_the_fp32_masters(checkpoints, tmp_path):
+    """A bf16 model at ZeRO-1 with fp32 gradients (the trainer's default) runs on DeepSpeed's
+    BF16_Optimizer, whose files zero_to_fp32 cannot read: the export still holds the fp32 masters
+    bit for bit, not the bf16 weights."""
+    from safetensors.torch import load_file
+
+    ckpt = checkpoints / "stage1_bf16"
+    assert list((ckpt / "ds").glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    export_checkpoint(ckpt, tmp_path / "out", dtype="float32")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    masters = torch.load(checkpoints / "stage1_bf16_masters.pt")
+    assert exported.keys() == masters.keys()
+    for name, master in masters.items():
+        assert torch.equal(exported[name], master), name
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in masters.values())  # not bf16 values
 
 
 def test_folder_layout(exports):

@@ -120,6 +120,36 @@ def test_launcher_trains_checkpoints_and_exports(data_dir: Path, runs_root: Path
     assert total / count == pytest.approx(val_loss(run_dir), rel=1e-5)
 
 
+def first_row(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_the_same_experiment_at_every_zero_stage(data_dir: Path, runs_root: Path) -> None:
+    """ZeRO-3 builds the model inside deepspeed.zero.Init, where Hugging Face's init sees empty
+    partitions; the trainer initialises the gathered weights from the same seed instead. So the
+    first loss (before any update) is the same at every stage, and the first logged output-layer
+    norm (after one update from RMS→∞ = 1; about 7 at this width without the init) matches too."""
+    rows = {stage: first_row(single_node_run(data_dir, runs_root, stage)) for stage in (1, 2, 3)}
+    assert rows[1]["step"] == rows[2]["step"] == rows[3]["step"] == 1
+    assert rows[1]["loss"] == rows[2]["loss"] == rows[3]["loss"]
+    norm = "norm/output/weight"
+    assert abs(rows[2][norm] - 1.0) < 0.2  # one step of lr·‖update‖ = 0.1 from the init
+    assert rows[3][norm] == pytest.approx(rows[2][norm], rel=1e-6)
+
+
+def test_shipped_deepspeed_template_runs_in_the_trainer(data_dir: Path, runs_root: Path, tmp_path: Path) -> None:
+    """recipes/deepspeed/zero3.json (written for the Hugging Face Trainer, "auto" batch sizes,
+    precision and buckets) as train.deepspeed: it runs, and it is the same experiment."""
+    reference = losses(single_node_run(data_dir, runs_root, 3))
+    run_dir = tmp_path / "template"
+    args = overrides(data_dir, run_dir, 3, **{"train.deepspeed": REPO / "recipes/deepspeed/zero3.json", "train.max_steps": 4})
+    proc = run(launcher(args, free_port()))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    curve = losses(run_dir)
+    assert sorted(curve) == [1, 2, 3, 4] and curve[1] == reference[1]
+    assert (run_dir / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+
+
 def test_two_simulated_nodes_match_one_node(data_dir: Path, runs_root: Path, tmp_path: Path) -> None:
     reference = losses(single_node_run(data_dir, runs_root, 2))
     hostfile = tmp_path / "hostfile"
