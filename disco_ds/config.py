@@ -66,6 +66,10 @@ class DataConfig:
     path: str = "data/stdlib-bytes"
     seq_len: int = 256
     seed: int = 0
+    document_mask: bool = False
+    """Attend only within each document of a training window (documents end with the shards'
+    end-of-text token): positions restart after every end-of-text, which NormGPT reads as a
+    document boundary. Off: the window is one causal sequence across documents (GPT-2 style)."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ from deepspeed.accelerator import get_accelerator
 
 from disco_ds.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from disco_ds.config import RunConfig, to_dict
-from disco_ds.data import TokenStream, eval_batches, list_shards
+from disco_ds.data import TokenStream, document_positions, eval_batches, list_shards
 from disco_ds.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, resolve_auto
 from disco_ds.metrics import MetricsLogger, flops_per_token, memory_gib
 from disco_ds.optim import Scion
@@ -225,20 +225,23 @@ def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.pin_memory().to(device, non_blocking=True)
 
 
-def _loss(engine: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = engine(input_ids=inputs).logits
+def _loss(engine: Any, inputs: torch.Tensor, targets: torch.Tensor, eot_id: int | None) -> torch.Tensor:
+    """Mean next-token loss of a window; with ``eot_id`` (``data.document_mask``) every document in
+    it attends only to itself. No KV cache: a forward in eval mode would otherwise keep one."""
+    position_ids = document_positions(inputs, eot_id) if eot_id is not None else None
+    logits = engine(input_ids=inputs, position_ids=position_ids, use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 @torch.no_grad()
-def _evaluate(engine: Any, files: list[Path], cfg: RunConfig, device: torch.device) -> float:
+def _evaluate(engine: Any, files: list[Path], cfg: RunConfig, device: torch.device, eot_id: int | None) -> float:
     """Mean validation loss over every rank's share of the validation windows. The sums stay on
     ``device`` (the communication device) until one all-reduce and one read at the end."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss·tokens, tokens
     rank, world = _data_parallel_rank_and_size(cfg)
     for inputs, targets in eval_batches(files, cfg.data.seq_len, cfg.train.micro_batch, rank, world, cfg.eval.tokens):
-        total[0] += _loss(engine, _to_device(inputs, device), _to_device(targets, device)).double() * targets.numel()
+        total[0] += _loss(engine, _to_device(inputs, device), _to_device(targets, device), eot_id).double() * targets.numel()
         total[1] += targets.numel()
     engine.train()
     if dist.get_world_size() > 1:
@@ -324,6 +327,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"data.path: {data_dir / 'meta.json'} does not exist; write shards with "
                                 f"`python -m disco_ds prepare --input ... --out {data_dir}`")
     meta = json.loads((data_dir / "meta.json").read_text())
+    eot_id = int(meta["eot_id"]) if cfg.data.document_mask else None
     train_files = list_shards(str(data_dir / "train_*.bin"))
     val_files = list_shards(str(data_dir / "val_*.bin"))
     model_config = build_model_config(cfg, meta)
@@ -406,7 +410,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         loss_sum = torch.zeros((), device=device)
         for _ in range(plan.accumulation):
             inputs, targets = stream.next_batch()
-            loss = _loss(engine, _to_device(inputs, device), _to_device(targets, device))
+            loss = _loss(engine, _to_device(inputs, device), _to_device(targets, device), eot_id)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach()
@@ -426,7 +430,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if step % cfg.logging.interval == 0 or evaluate or save:
             log_pending()
         if evaluate:
-            val_loss = _evaluate(engine, val_files, cfg, device)
+            val_loss = _evaluate(engine, val_files, cfg, device, eot_id)
             logger.log_eval(step, {"loss": val_loss})
         if save:
             last_checkpoint = checkpoint()

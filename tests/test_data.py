@@ -632,3 +632,22 @@ def test_document_positions_restart_after_end_of_text_and_mask_like_separate_doc
         packed = model(row, position_ids=document_positions(row, eot), use_cache=False).logits
         alone = torch.cat([model(row[:, a:b]).logits for a, b in ((0, 3), (3, 7), (7, 8), (8, 9))], dim=1)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+def test_trainer_loss_with_document_mask_is_the_loss_of_documents_run_alone():
+    import torch.nn.functional as F
+
+    from disco_ds.train import _loss
+    from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
+
+    eot = 7
+    torch.manual_seed(0)
+    model = NormGPTForCausalLM(NormGPTConfig.from_preset("tiny", vocab_size=16)).eval()
+    window = torch.tensor([[3, 4, eot, 5, 6, 8, eot, 9, 2, 1]])
+    inputs, targets = window[:, :-1], window[:, 1:]
+    with torch.no_grad():
+        masked = _loss(model, inputs, targets, eot)
+        plain = _loss(model, inputs, targets, None)
+        alone = torch.cat([model(inputs[:, a:b]).logits for a, b in ((0, 3), (3, 7), (7, 9))], dim=1)
+    torch.testing.assert_close(masked, F.cross_entropy(alone[0], targets[0]), atol=1e-6, rtol=0)
+    assert abs(masked - plain) > 1e-4  # the mask changes what the later documents see

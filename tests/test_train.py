@@ -240,3 +240,14 @@ def test_adamw_baseline_single_process_with_wandb_offline(data_dir: Path, tmp_pa
     assert rows[0]["lr/hidden"] == pytest.approx(rows[0]["lr/output"] / 8)  # per-group rates kept
     assert not any(k.startswith("norm/") for k in rows[0])  # the instrument lives in Scion's step
     assert list(run_dir.rglob("offline-run-*")), "no offline wandb run was written"
+
+
+def test_document_mask_trains_single_process(data_dir: Path, tmp_path: Path) -> None:
+    """data.document_mask: positions restart after every end-of-text, documents attend apart."""
+    run_dir = tmp_path / "documents"
+    args = overrides(data_dir, run_dir, **{"data.document_mask": "true", "train.max_steps": 8, "checkpoint.interval": 0})
+    proc = run([sys.executable, "-m", "disco_ds", "train", str(REPO / "recipes/tiny.yaml"), *args])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "document_mask: true" in proc.stdout  # the resolved config says so
+    curve = losses(run_dir)
+    assert len(curve) == 8 and curve[8] < curve[1], curve
