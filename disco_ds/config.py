@@ -121,6 +121,9 @@ class ScalingConfig:
     batch_exponent: float = 0.45
     lr_batch_exponent: float = 0.62
     lr_tokens_exponent: float = -0.56
+    target_output_norm: float = 128.0
+    """The optimal ‖W_out‖_RMS→∞ the trainer's norm guidance measures the run against (the paper:
+    2^(7.0±0.2) ≈ 128 across horizons, ≈ 170 across widths and depths); 0 turns guidance off."""
 
 
 @dataclass
@@ -306,6 +309,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(not (t.bf16 and t.zero_stage == 0 and t.grad_dtype == "float32"), "train.grad_dtype",
              "float32 with train.bf16=true needs train.zero_stage 1, 2 or 3: without ZeRO DeepSpeed accumulates "
              "gradients in the model's bf16. Use train.zero_stage=1 (no extra memory on one rank) or train.grad_dtype=bfloat16")
+    _require(cfg.scaling.target_output_norm >= 0, "scaling.target_output_norm",
+             f"must be positive (or 0: no norm guidance), got {cfg.scaling.target_output_norm}")
     _require(t.tokens > 0, "train.tokens", "the token budget must be positive")
     _require(t.micro_batch >= 1, "train.micro_batch", "must be at least 1")
     _require(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")

@@ -354,8 +354,15 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     if norm[0]:
-        axes[1].plot(*norm, lw=1, color="tab:red")
+        axes[1].plot(*norm, lw=1, color="tab:red", label="measured")
+        projected, target = series("norm/output/projected"), series("norm/output/target")
+        if projected[0]:  # norm guidance: where the norm was heading at each log point
+            axes[1].plot(*projected, lw=1, ls="--", color="tab:purple", label="projected to the end of the run")
+        if target[0]:
+            axes[1].axhline(target[1][-1], color="k", lw=1, ls=":", label=f"target {target[1][-1]:g}")
         axes[1].set(xlabel="step", ylabel="RMS→∞ norm", title="output layer ‖W_out‖ (RMS→∞)")
         axes[1].grid(alpha=0.3)
+        if projected[0] or target[0]:
+            axes[1].legend()
     fig.savefig(out_path, dpi=110)
     return Path(out_path)

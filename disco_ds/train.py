@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,7 +29,8 @@ from disco_ds.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from disco_ds.config import RunConfig, to_dict
 from disco_ds.data import TokenStream, document_positions, eval_batches, list_shards
 from disco_ds.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, resolve_auto
-from disco_ds.metrics import MetricsLogger, flops_per_token, memory_gib
+from disco_ds.guidance import NormGuide, reachable_norm
+from disco_ds.metrics import OUTPUT_NORM, MetricsLogger, flops_per_token, memory_gib
 from disco_ds.optim import Scion
 from disco_ds.param_groups import classify_parameters, scion_param_groups
 from disco_ds.tensor_parallel import autotp_config
@@ -270,6 +272,25 @@ def _single_process_defaults() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def _norm_guide(cfg: RunConfig, plan: Plan, model_config: NormGPTConfig, rank: int) -> tuple[NormGuide | None, Any]:
+    """The run's norm guidance (``scaling.target_output_norm``; None when 0), and the output layer's
+    learning rates summed from each step to the end. Warns at start when the schedule cannot lift
+    ‖W_out‖_RMS→∞ from its init to the target: with radius 1 each update moves it by at most η."""
+    target = cfg.scaling.target_output_norm
+    if not target:
+        return None, None
+    s = cfg.schedule
+    lrs = np.array([plan.group_lrs["output"] * wsd_factor(k, plan.steps, s.warmup, s.decay, s.decay_shape, s.min_lr_ratio)
+                    for k in range(plan.steps)])
+    left = np.append(np.cumsum(lrs[::-1])[::-1], 0.0)  # left[k]: Σ η over steps k..end
+    reach = reachable_norm(model_config.init_head_rms_inf, lrs)
+    if rank == 0 and reach < target:
+        print(f"norm guide  warning: the output layer's learning rates sum to {lrs.sum():.3g} over {plan.steps:,} "
+              f"steps, so ‖W_out‖_RMS→∞ can reach at most {reach:.3g}, below the target {target:g}: "
+              "the learning rate or the budget is likely too small", flush=True)
+    return NormGuide(target, plan.steps), left
+
+
 class _PendingSteps:
     """Optimizer steps whose loss is still on the device, read back together at the next log point.
 
@@ -371,6 +392,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                            wandb=wandb, resume_step=step)
     tokenizer_dir = data_dir / "tokenizer"
     scion = isinstance(optimizer, Scion)
+    guide, output_lr_left = _norm_guide(cfg, plan, model_config, rank) if scion else (None, None)
     last_checkpoint = resume_from
     loss_value = val_loss = float("nan")
     pending = _PendingSteps()
@@ -398,6 +420,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             loss_value = loss
             rows.append((row_step, {"loss": loss, **metrics, "tokens_per_s": tokens_per_s,
                                     "mfu": flops * tokens_per_s / peak_flops if peak_flops > 0 else 0.0}))
+            if guide is not None and OUTPUT_NORM in metrics:
+                guide.observe(row_step, float(metrics[OUTPUT_NORM]))
+        projection = guide.project(output_lr_left[rows[-1][0]]) if guide is not None and rows else None
+        if projection is not None:
+            rows[-1][1].update({"norm/output/projected": projection.final_norm, "norm/output/target": guide.target})
         logger.log_steps(rows)
 
     while step < plan.run_steps:
@@ -432,6 +459,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if evaluate:
             val_loss = _evaluate(engine, val_files, cfg, device, eot_id)
             logger.log_eval(step, {"loss": val_loss})
+            projection = guide.project(output_lr_left[step]) if guide is not None else None
+            if projection is not None and rank == 0:
+                print(f"norm guide  {projection.message(plan.steps * plan.batch_tokens)}", flush=True)
         if save:
             last_checkpoint = checkpoint()
     logger.close()

@@ -251,3 +251,25 @@ def test_document_mask_trains_single_process(data_dir: Path, tmp_path: Path) -> 
     assert "document_mask: true" in proc.stdout  # the resolved config says so
     curve = losses(run_dir)
     assert len(curve) == 8 and curve[8] < curve[1], curve
+
+
+def test_norm_guidance_flags_a_far_too_high_lr_and_not_a_run_on_target(data_dir: Path, tmp_path: Path) -> None:
+    """scaling.target_output_norm: the projection of ‖W_out‖_RMS→∞ to the end of the run, at every eval."""
+    def guided(name: str, lr: float, target: float) -> tuple[subprocess.CompletedProcess, list[dict]]:
+        run_dir = tmp_path / name
+        args = overrides(data_dir, run_dir, **{"optimizer.lr": lr, "train.max_steps": 16, "eval.interval": 8,
+                                               "checkpoint.interval": 0, "scaling.target_output_norm": target})
+        proc = run([sys.executable, "-m", "disco_ds", "train", str(REPO / "recipes/tiny.yaml"), *args])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    high, rows = guided("high", 3.0, 128.0)
+    assert "lr likely too high" in high.stdout, high.stdout[-3000:]
+    projected = [r["norm/output/projected"] for r in rows if "norm/output/projected" in r]
+    assert projected and projected[-1] > 128 * 2**0.5
+    # A target equal to where that run is heading: on track, and no warning at start.
+    on_target, _ = guided("on_target", 3.0, round(projected[-1], 1))
+    assert "on track" in on_target.stdout and "likely too" not in on_target.stdout
+    # Far too small a learning rate cannot even reach the target: warned at start.
+    low, _ = guided("low", 1e-4, 128.0)
+    assert "can reach at most" in low.stdout
