@@ -22,18 +22,26 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 def test_every_recipe_is_shipped() -> None:
     names = {p.name for p in RECIPES}
-    assert {"tiny.yaml", "gpt-124m.yaml", "gpt-350m.yaml", "gpt-760m.yaml", "gpt-1.3b.yaml"} <= names
+    assert {"tiny.yaml", "gpt-124m.yaml", "gpt-350m.yaml", "gpt-760m.yaml", "gpt-1.3b.yaml", "paper-proxy.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_loads_and_carries_the_papers_settings(recipe: Path) -> None:
     cfg = load_config(recipe)
     assert cfg.optimizer.name == "scion"
-    assert cfg.optimizer.momentum == 0.1
-    assert cfg.optimizer.lr_ratios == [1.0, 0.125, 1.0]
+    if recipe.stem == "paper-proxy":  # the paper's protocol: no momentum, one lr for every group
+        assert (cfg.optimizer.momentum, cfg.optimizer.lr_ratios) == (1.0, [1.0, 1.0, 1.0])
+        assert (cfg.schedule.warmup, cfg.schedule.decay) == (0.0, 0.0)
+    else:
+        assert cfg.optimizer.momentum == 0.1
+        assert cfg.optimizer.lr_ratios == [1.0, 0.125, 1.0]
     assert cfg.optimizer.weight_decay == 0.0
     assert (cfg.scaling.batch_exponent, cfg.scaling.lr_batch_exponent, cfg.scaling.lr_tokens_exponent) == (0.45, 0.62, -0.56)
-    assert cfg.scaling.anchor_source
+    # Every recipe is anchored on the paper's own optimum (v1 text): 2^-4.5 at 524,288 tokens and 2^33.
+    assert (cfg.scaling.anchor_lr, cfg.scaling.anchor_batch_tokens, cfg.scaling.anchor_tokens) == (2**-4.5, 524288, 2**33)
+    assert cfg.scaling.target_output_norm == 128.0
+    assert "2^-4.5" in cfg.scaling.anchor_source and "no momentum" in cfg.scaling.anchor_source
+    assert "WITHOUT" in recipe.read_text()  # the recipe says in which setting the anchor was measured
     ds = deepspeed_config(cfg, plan_run(cfg, cfg.train.reference_world_size))
     assert ds["gradient_clipping"] == 0.0 and "optimizer" not in ds
     # The AdamW baseline is the same recipe with one switch.
@@ -54,7 +62,7 @@ def test_plan_follows_the_scaling_rules() -> None:
     assert plan.group_lrs == pytest.approx({"embedding": lr, "hidden": lr / 8, "output": lr, "vector": lr / 8})
     assert plan.steps == math.ceil(d / plan.batch_tokens)
     # Re-anchoring is one number: the whole ladder scales with it.
-    assert plan_run(load_config(REPO / "recipes/gpt-124m.yaml", ["scaling.anchor_lr=0.02"]), 8).lr == pytest.approx(2 * lr)
+    assert plan_run(load_config(REPO / "recipes/gpt-124m.yaml", [f"scaling.anchor_lr={2 * s.anchor_lr!r}"]), 8).lr == pytest.approx(2 * lr)
     # More data: larger batch, smaller lr (η* ∝ D^-0.28 along B*).
     bigger = plan_run(load_config(REPO / "recipes/gpt-124m.yaml", ["train.tokens=2.5e10"]), 8)
     assert bigger.batch_tokens > plan.batch_tokens and bigger.lr < plan.lr
@@ -200,8 +208,19 @@ def test_shipped_deepspeed_templates_work_with_the_trainer(template: Path) -> No
 def test_recipe_command_prints_the_derivation() -> None:
     out = subprocess.run([sys.executable, "-m", "disco_ds", "recipe", str(REPO / "recipes/gpt-1.3b.yaml")],
                          capture_output=True, text=True, cwd=REPO, check=True).stdout
-    for needle in ("anchor      η_ref = 0.01", "budget      D = 26,000,000,000 tokens", "8 ranks × 8 seq", "hidden", "steps"):
+    for needle in ("anchor      η_ref = 0.0441942 at B_ref = 524,288 tokens", "budget      D = 26,000,000,000 tokens", "8 ranks × 8 seq", "hidden", "steps"):
         assert needle in out
     bad = subprocess.run([sys.executable, "-m", "disco_ds", "recipe", str(REPO / "recipes/tiny.yaml"), "train.bogus=1"],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "unknown key 'train.bogus'" in bad.stderr
+
+
+def test_recipe_command_shows_the_papers_anchor_point_for_paper_proxy() -> None:
+    proc = subprocess.run([sys.executable, "-m", "disco_ds", "recipe", str(REPO / "recipes/paper-proxy.yaml")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "D = 8,589,934,592 tokens" in proc.stdout
+    assert "524,288 = 8 ranks × 4 seq × 4 accumulation × 4096 tokens" in proc.stdout
+    assert "η* = 0.04419  (input 0.04419, hidden 0.04419, output 0.04419" in proc.stdout
+    assert "16,384 optimizer steps" in proc.stdout
+    assert "paper-proxy" in proc.stdout and "momentum 1" in proc.stdout
