@@ -15,6 +15,15 @@ A :class:`Layout` describes one closed set of whole parameters ("members") sprea
 group: DeepSpeed ZeRO-1/2 and the bf16 optimizer (``_hp_mapping``), ZeRO-3 (``ds_tensor``
 partitions), and replicated data-parallel copies (ZeRO stage 0, DDP), where every rank holds every
 member and updates travel from owners to everybody (an all-gather).
+
+Two rules keep this correct on GPUs (NCCL), not only on CPUs (gloo):
+
+* every tensor that enters a collective is built on the communication device, which callers pass
+  down explicitly (a rank holding no fragment still enters the collective); never on the host by
+  default (``tests/test_collective_device.py`` enforces it over the source);
+* a check that can fail on one rank only is agreed over the group first
+  (:func:`raise_if_any_failed`), so every rank raises the same error instead of the others waiting
+  forever in the next collective.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -42,9 +52,16 @@ __all__ = [
     "plan_rounds",
     "distributed_lmo",
     "ExchangeStats",
+    "Stopwatch",
     "matrix_products",
+    "RankCheckError",
+    "raise_if_any_failed",
+    "injected_fault",
+    "FAULT_ENV",
+    "zero3_sub_group",
     "shutdown_and_exit",
     "logical_shape",
+    "accelerator_device",
 ]
 
 
@@ -164,6 +181,14 @@ def _group_rank_and_size(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def accelerator_device() -> torch.device:
+    """DeepSpeed's accelerator device of this rank, where its collectives expect tensors (the
+    CPU under DeepSpeed's CPU accelerator)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def zero12_layout(members: list[torch.Tensor]) -> Layout:
     """Layout of a ZeRO-1/2 (or bf16 optimizer) flat partition from DeepSpeed's ``_hp_mapping``.
 
@@ -187,6 +212,16 @@ def zero12_layout(members: list[torch.Tensor]) -> Layout:
     return Layout(shapes=shapes, fragments=fragments, group=group, rank=rank)
 
 
+def zero3_sub_group(flat: torch.Tensor, members: list[torch.Tensor]) -> int:
+    """Index of the ZeRO-3 sub-group whose flat fp32 partition is ``flat`` (the same on every rank:
+    sub-group membership depends only on partition sizes)."""
+    z3 = members[0]._z3_optimizer
+    sub_group = next((i for i, t in enumerate(z3.fp32_partitioned_groups_flat) if t is flat), None)
+    if sub_group is None:
+        raise RuntimeError("Scion: the ZeRO-3 flat partition passed to step() is not one of the optimizer's sub-groups")
+    return sub_group
+
+
 def zero3_layout(flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layout, list[torch.Tensor]]:
     """Layout of a ZeRO-3 sub-group's flat fp32 partition, derived without communication.
 
@@ -194,11 +229,7 @@ def zero3_layout(flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layou
     with ``pn = partition_numel()``, and a sub-group's flat buffer concatenates its members'
     partitions. Returns the layout and the sub-group's members (in flat order).
     """
-    z3 = members[0]._z3_optimizer
-    sub_group = next((i for i, t in enumerate(z3.fp32_partitioned_groups_flat) if t is flat), None)
-    if sub_group is None:
-        raise RuntimeError("Scion: the ZeRO-3 flat partition passed to step() is not one of the optimizer's sub-groups")
-    sg_members = list(z3.fp16_groups[sub_group])
+    sg_members = list(members[0]._z3_optimizer.fp16_groups[zero3_sub_group(flat, members)])
     group = sg_members[0].ds_process_group
     rank, world = _group_rank_and_size(group)
     fragments: list[list[Fragment]] = [[] for _ in range(world)]
@@ -271,6 +302,62 @@ def plan_rounds(layout: Layout, owners: dict[int, int], max_numel_per_rank: int)
     return rounds
 
 
+class Stopwatch:
+    """Accumulated duration of timed regions, read at logging time.
+
+    On a CUDA device a region is bracketed by two CUDA events on the device's current stream: the
+    host only enqueues work there, so its own clock would measure the launch, not the work, and
+    waiting for the work would stall the step. The events are read by :meth:`seconds` (the logging
+    step calls it), which waits for them. Elsewhere (the CPU, where work runs synchronously) the
+    host clock measures the region.
+    """
+
+    _MAX_PENDING = 256
+    """Unread event pairs kept before the completed ones are folded in without waiting (bounds
+    memory when nobody reads the timer)."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._pending: list[tuple[Any, Any]] = []
+
+    @contextmanager
+    def region(self, device: torch.device) -> Iterator[None]:
+        """Time the enclosed code's work on ``device``."""
+        if device.type != "cuda":
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._seconds += time.perf_counter() - start
+            return
+        stream = torch.cuda.current_stream(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record(stream)
+        try:
+            yield
+        finally:
+            end.record(stream)
+            self._pending.append((begin, end))
+            if len(self._pending) > self._MAX_PENDING:
+                self._collect(wait=False)
+
+    def _collect(self, wait: bool) -> None:
+        unread = []
+        for begin, end in self._pending:
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                unread.append((begin, end))
+                continue
+            self._seconds += begin.elapsed_time(end) / 1000.0  # milliseconds
+        self._pending = unread
+
+    def seconds(self) -> float:
+        """Total seconds so far (waits for the device work of pending regions)."""
+        self._collect(wait=True)
+        return self._seconds
+
+
 @dataclass
 class ExchangeStats:
     """Counters of one rank, cumulative over steps (read by tests and the instrumentation)."""
@@ -281,13 +368,25 @@ class ExchangeStats:
     bytes_sent: int = 0
     all_to_all_calls: int = 0
     all_reduce_calls: int = 0
-    comm_seconds: float = 0.0
-    """Wall time inside the optimizer's collectives (includes waiting for the slowest rank)."""
-    ns_seconds: float = 0.0
-    """Wall time of the matrix LMOs (Newton–Schulz) this rank ran."""
-    step_seconds: float = 0.0
-    """Wall time of the optimizer's ``step()`` calls (communication and Newton–Schulz included)."""
+    comm: Stopwatch = field(default_factory=Stopwatch)
+    """Time inside the optimizer's collectives (includes waiting for the slowest rank)."""
+    ns: Stopwatch = field(default_factory=Stopwatch)
+    """Time of the matrix LMOs (Newton–Schulz) this rank ran."""
+    step: Stopwatch = field(default_factory=Stopwatch)
+    """Time of the optimizer's ``step()`` calls (communication and Newton–Schulz included)."""
     per_member: dict[Any, int] = field(default_factory=dict)
+
+    @property
+    def comm_seconds(self) -> float:
+        return self.comm.seconds()
+
+    @property
+    def ns_seconds(self) -> float:
+        return self.ns.seconds()
+
+    @property
+    def step_seconds(self) -> float:
+        return self.step.seconds()
 
 
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], layout: Layout, stats: ExchangeStats) -> None:
@@ -298,9 +397,8 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_
     stats.all_to_all_calls += 1
     stats.elements_sent += sum(in_splits) - in_splits[layout.rank]
     stats.bytes_sent += (sum(in_splits) - in_splits[layout.rank]) * inp.element_size()
-    start = time.perf_counter()
-    dist.all_to_all_single(out, inp, out_splits, in_splits, group=layout.group)
-    stats.comm_seconds += time.perf_counter() - start
+    with stats.comm.region(out.device):
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=layout.group)
 
 
 def _exchange(
@@ -341,15 +439,16 @@ def _matrix_lmo(
     stats: ExchangeStats,
     member_keys: list[Any],
     on_gathered: Callable[[Any, torch.Tensor], None] | None,
+    device: torch.device,
 ) -> dict[Fragment, torch.Tensor]:
     """Route matrix fragments to owners, orthogonalise there once, route update fragments back."""
     costs = {m: matrix_cost(norm, layout.shapes[m]) for m in members}
     owners = assign_owners(layout, members, costs)
     me = layout.rank
     updates: dict[Fragment, torch.Tensor] = {}
-    sample = next(iter(directions.values()), None)
-    device = sample.device if sample is not None else torch.device("cpu")
-    work_dtype = sample.dtype if sample is not None else torch.float32
+    # A rank holding no fragment may still own matrices (ZeRO-1/2 routing); it then gathers in
+    # fp32, the dtype of every ZeRO master partition.
+    work_dtype = next((d.dtype for d in directions.values()), torch.float32)
     whole_local = {f.member: f for f in layout.local() if f.start == 0 and f.numel == layout.numel(f.member)}
 
     for round_members in plan_rounds(layout, owners, max_numel_per_rank):
@@ -377,9 +476,8 @@ def _matrix_lmo(
             for m in mine:
                 on_gathered(member_keys[m], layout.to_matrix(m, full[m]))
         # The LMO (Newton–Schulz), once per owned matrix, batched by shape.
-        start = time.perf_counter()
-        owned = lmo_many(norm, [layout.to_matrix(m, full[m]) for m in mine])
-        stats.ns_seconds += time.perf_counter() - start
+        with stats.ns.region(device):
+            owned = lmo_many(norm, [layout.to_matrix(m, full[m]) for m in mine])
         for m in mine:
             stats.per_member[member_keys[m]] = stats.per_member.get(member_keys[m], 0) + 1
         stats.matrices_orthogonalized += len(mine)
@@ -432,7 +530,8 @@ def _stat_shape(norm: SeparableNorm, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _separable_lmo(
-    layout: Layout, norm: SeparableNorm, members: list[int], directions: dict[Fragment, torch.Tensor], stats: ExchangeStats
+    layout: Layout, norm: SeparableNorm, members: list[int], directions: dict[Fragment, torch.Tensor], stats: ExchangeStats,
+    device: torch.device,
 ) -> dict[Fragment, torch.Tensor]:
     """Sum squares per slice over local fragments, complete them with one all_reduce, rescale.
 
@@ -443,8 +542,6 @@ def _separable_lmo(
     for m in members:
         offsets[m] = total
         total += sizes[m]
-    sample = next(iter(directions.values()), None)
-    device = sample.device if sample is not None else torch.device("cpu")
     sums = torch.zeros(total, dtype=torch.float32, device=device)
     local = [f for f in layout.local() if f.member in offsets]
     contributing = set(layout.contributes(layout.rank))
@@ -492,9 +589,8 @@ def _sum_over_ranks(buf: torch.Tensor, layout: Layout, stats: ExchangeStats) -> 
     if layout.world_size > 1 and not layout.replicated:
         stats.all_reduce_calls += 1
         stats.bytes_sent += buf.numel() * buf.element_size()
-        start = time.perf_counter()
-        dist.all_reduce(buf, group=layout.group)
-        stats.comm_seconds += time.perf_counter() - start
+        with stats.comm.region(buf.device):
+            dist.all_reduce(buf, group=layout.group)
 
 
 def matrix_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -510,6 +606,7 @@ def matrix_products(
     *,
     transpose: bool,
     stats: ExchangeStats,
+    device: torch.device | None = None,
 ) -> list[dict[int, torch.Tensor]]:
     """Products of whole sharded matrices with vectors, from fragments and one ``all_reduce``.
 
@@ -518,7 +615,8 @@ def matrix_products(
     ``vectors[k]``: ``A @ v`` (``transpose=False``: ``v`` has ``cols`` entries; the row sums of
     squares of ``A`` come along as a second row of the result, shape ``[2, rows]``) or ``Aᵀ @ v``
     (``transpose=True``: ``v`` has ``rows`` entries, result ``[cols]``). Every rank of the group
-    must call this with the same members in ``vectors``.
+    must call this with the same members in ``vectors``. ``device``: where the sums are completed
+    (the communication device); required when this rank holds no vector.
     """
     slots: list[tuple[int, int, int]] = []  # (set, member, offset in the buffer)
     total = 0
@@ -527,7 +625,7 @@ def matrix_products(
             rows, cols = matrix_view_shape(layout.shapes[m])
             slots.append((k, m, total))
             total += cols if transpose else 2 * rows
-    device = next((v.device for per_member in vectors for v in per_member.values()), torch.device("cpu"))
+    device = _device_of([v for per_member in vectors for v in per_member.values()], device)
     buf = torch.zeros(total, dtype=torch.float32, device=device)
     offsets = {(k, m): o for k, m, o in slots}
     contributing = set(layout.contributes(layout.rank))
@@ -553,6 +651,17 @@ def matrix_products(
     return results
 
 
+def _device_of(tensors: list[torch.Tensor], device: torch.device | None) -> torch.device:
+    """The communication device: the one given, else that of the tensors this rank contributes.
+    Never a guess: a rank with nothing to contribute still enters the collective, and under NCCL
+    its buffer must be on the accelerator like everybody else's."""
+    if device is not None:
+        return torch.device(device)
+    if not tensors:
+        raise ValueError("Scion: this rank holds no fragment here, so the communication device is unknown: pass device=")
+    return tensors[0].device
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -570,6 +679,7 @@ def distributed_lmo(
     stats: ExchangeStats | None = None,
     member_keys: list[Any] | None = None,
     on_gathered: Callable[[Any, torch.Tensor], None] | None = None,
+    device: torch.device | None = None,
 ) -> dict[Fragment, torch.Tensor]:
     """The group's LMO applied to whole parameters, returned as this rank's fragments.
 
@@ -583,18 +693,22 @@ def distributed_lmo(
         stats: counters to update.
         member_keys: a stable key per member for the per-matrix orthogonalisation counter.
         on_gathered: called at the owner with ``(key, full matrix)`` before its LMO (self-tests).
+        device: the communication device, where buffers are built, collectives run and owners
+            orthogonalise (``directions`` must live there); required when this rank holds no
+            fragment, otherwise that of ``directions``.
 
     Every rank of ``layout.group`` must call this with the same layout and norm.
     """
     stats = stats if stats is not None else ExchangeStats()
     members = list(range(len(layout.shapes)))
-    if isinstance(norm, MatrixNorm):
-        keys = member_keys if member_keys is not None else members
-        return _matrix_lmo(layout, norm, members, directions, comm_dtype, max_numel_per_rank, stats, keys, on_gathered)
-    if isinstance(norm, SeparableNorm):
-        return _separable_lmo(layout, norm, members, directions, stats)
     if isinstance(norm, ElementwiseNorm):
         return {f: norm.lmo_elements(d, layout.shapes[f.member]) for f, d in directions.items()}
+    device = _device_of(list(directions.values()), device)
+    if isinstance(norm, MatrixNorm):
+        keys = member_keys if member_keys is not None else members
+        return _matrix_lmo(layout, norm, members, directions, comm_dtype, max_numel_per_rank, stats, keys, on_gathered, device)
+    if isinstance(norm, SeparableNorm):
+        return _separable_lmo(layout, norm, members, directions, stats, device)
     raise TypeError(f"Scion: norm {type(norm).__name__} is not a MatrixNorm, SeparableNorm or ElementwiseNorm; "
                     "the distributed optimizer cannot apply it to sharded parameters")
 
@@ -612,3 +726,53 @@ def shutdown_and_exit(code: int = 0) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# ---------------------------------------------------------------------------- failing together
+
+FAULT_ENV = "DISCO_DS_FAULT"
+"""Test hook shared with :mod:`disco_ds.checkpoint`: ``<check>@<rank>`` makes the named check of
+:func:`injected_fault` fail on that global rank only (tests/test_fault_agreement.py)."""
+
+
+def injected_fault(check: str) -> bool:
+    """Whether the test hook :data:`FAULT_ENV` asks ``check`` to fail on this rank."""
+    name, _, rank = os.environ.get(FAULT_ENV, "").partition("@")
+    if name != check or not rank.isdigit():
+        return False
+    return int(rank) == (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+
+
+class RankCheckError(RuntimeError):
+    """A check failed on some ranks of a process group; every rank of the group raises this, with
+    the same message."""
+
+
+def raise_if_any_failed(error: str | None, group: Any, device: torch.device, what: str) -> None:
+    """Turn a check that can fail on some ranks only into the same error on every rank.
+
+    A rank that raised alone would leave the others waiting in the step's next collective until
+    the process group's timeout (30 minutes by default). Instead every rank reports its verdict
+    (``error``: None when its check passed) in one all-reduce of one flag per rank, on ``device``
+    (the communication device). If any rank failed, the failing ranks' messages are shared (one
+    ``all_gather_object``) and every rank raises :class:`RankCheckError` naming them.
+
+    Reading the verdict waits for the device: call it for first-step and new-layout checks, not
+    on every step.
+    """
+    rank, world = _group_rank_and_size(group)
+    if world == 1:
+        if error is not None:
+            raise RankCheckError(f"{what} failed: {error}")
+        return
+    flags = torch.zeros(world, dtype=torch.int32, device=device)
+    if error is not None:
+        flags[rank] = 1
+    dist.all_reduce(flags, group=group)
+    failed = [r for r, flag in enumerate(flags.tolist()) if flag]
+    if not failed:
+        return
+    messages: list[Any] = [None] * world
+    dist.all_gather_object(messages, error, group=group)
+    details = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+    raise RankCheckError(f"{what} failed on {len(failed)} of {world} ranks ({details})")

@@ -100,6 +100,8 @@ class NormMonitor:
     def _probe(self, key: str, which: str, size: int, device: torch.device) -> torch.Tensor:
         """The carried power-iteration vector; its seed is the parameter's name, so every rank agrees."""
         if (key, which) not in self._vectors:
+            # Drawn on the host from a name-seeded generator so every rank and every device type
+            # starts from the same vector, then moved to the communication device once.
             gen = torch.Generator().manual_seed(zlib.crc32(f"{key}/{which}".encode()))
             v = torch.randn(size, generator=gen, dtype=torch.float32)
             self._vectors[(key, which)] = (v / v.norm()).to(device)
@@ -115,16 +117,18 @@ class NormMonitor:
         weights: dict[Fragment, torch.Tensor],
         updates: dict[Fragment, torch.Tensor],
         stats: ExchangeStats,
+        *,
+        device: torch.device,
     ) -> None:
         """Add one call's members: ``weights`` (after the step) and ``updates`` (the step ΔW) are
-        this rank's fragments of every member of ``layout``. Collective over ``layout.group``."""
+        this rank's fragments of every member of ``layout``, on ``device``, the communication
+        device (passed explicitly: a rank may hold no fragment). Collective over ``layout.group``."""
         members = range(len(layout.shapes))
-        device = next((t.device for t in weights.values()), torch.device("cpu"))
         sets = (weights, updates)
         names = ("weight", "update")
         probes = [{m: self._probe(keys[m], which, matrix_view_shape(layout.shapes[m])[1], device) for m in members}
                   for which in names]
-        forward = matrix_products(layout, list(sets), probes, transpose=False, stats=stats)
+        forward = matrix_products(layout, list(sets), probes, transpose=False, stats=stats, device=device)
         sigmas: list[dict[int, float]] = [{m: 0.0 for m in members} for _ in names]
         if kind == "rms_to_rms":
             for it in range(self.power_iterations):
@@ -132,7 +136,7 @@ class NormMonitor:
                 for k in range(len(names)):
                     for m in members:
                         sigmas[k][m] = float(images[k][m].norm())
-                back = matrix_products(layout, list(sets), images, transpose=True, stats=stats)
+                back = matrix_products(layout, list(sets), images, transpose=True, stats=stats, device=device)
                 for k, which in enumerate(names):
                     for m in members:
                         v = back[k][m]
@@ -140,7 +144,7 @@ class NormMonitor:
                             self._vectors[(keys[m], which)] = v / v.norm()
                 if it + 1 < self.power_iterations:
                     probes = [{m: self._vectors[(keys[m], which)] for m in members} for which in names]
-                    forward = matrix_products(layout, list(sets), probes, transpose=False, stats=stats)
+                    forward = matrix_products(layout, list(sets), probes, transpose=False, stats=stats, device=device)
         totals = self._totals.setdefault(label, _GroupTotals())
         for m in members:
             fan = fans(norm, layout.shapes[m])

@@ -14,7 +14,10 @@ gradient accumulation.
 The same object runs distributed. Under DeepSpeed ZeRO 1/2/3 the engine hands ``step()`` one flat
 fp32 partition per group; under data parallelism (DDP, ZeRO stage 0) every rank holds every
 parameter. Either way the momentum stays where the gradient is (flat and sharded under ZeRO), and
-:mod:`disco_ds.distributed` orthogonalises every matrix exactly once in the whole job.
+:mod:`disco_ds.distributed` orthogonalises every matrix exactly once in the whole job. Under
+ZeRO-Offload (``offload_optimizer``) the partition, its gradient and ``exp_avg`` stay in host memory;
+only the LMO's input travels to the accelerator (through a page-locked buffer) for the collectives
+and Newton–Schulz, and the update comes back.
 """
 
 from __future__ import annotations
@@ -22,19 +25,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import time
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from disco_ds.distributed import (
     ExchangeStats,
+    Fragment,
     Layout,
+    RankCheckError,
+    accelerator_device,
     distributed_lmo,
+    injected_fault,
     logical_shape,
+    raise_if_any_failed,
     replicated_layout,
     zero3_layout,
+    zero3_sub_group,
     zero12_layout,
 )
 from disco_ds.monitor import NormMonitor, norm_kind
@@ -66,6 +73,46 @@ def _group_label(index: int, group: dict[str, Any]) -> str:
 def _is_zero_partitioned(members: list[torch.Tensor]) -> bool:
     """DeepSpeed ZeRO-1/2 (and its bf16 optimizer) link ``_hp_mapping``; ZeRO-3 sets ``ds_id``."""
     return any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in members)
+
+
+def _offloaded(members: list[torch.Tensor]) -> bool:
+    """Whether DeepSpeed keeps this group's fp32 partition, gradient and state in host memory
+    (ZeRO-Offload, ``offload_optimizer``): ZeRO-3 records it on its optimizer; ZeRO-1/2 link
+    ``_zero_optimizer`` on their parameters only when offloading."""
+    z3 = getattr(members[0], "_z3_optimizer", None)
+    if z3 is not None:
+        return bool(getattr(z3, "offload_optimizer", False))
+    return any(bool(getattr(getattr(p, "_zero_optimizer", None), "cpu_offload", False)) for p in members)
+
+
+class _Staging:
+    """ZeRO-Offload: the flat partition, its gradient and ``exp_avg`` live in host memory, while
+    Newton–Schulz and the collectives belong on the accelerator. Per partition, one host buffer
+    (page-locked when there is an accelerator, so the copies are asynchronous DMA) carries the
+    direction out and the update back."""
+
+    def __init__(self, flat: torch.Tensor, device: torch.device) -> None:
+        self.device = device
+        self.host = torch.empty_like(flat, pin_memory=device.type != "cpu")
+
+    def direction_to_device(self, d: torch.Tensor) -> torch.Tensor:
+        """A copy of the host direction ``d`` on the accelerator (enqueued, not waited for). The
+        host buffer is free again once :meth:`update_to_host` has returned."""
+        if self.host.is_pinned() and not d.is_pinned():
+            # Pageable memory cannot be copied asynchronously: go through the page-locked buffer.
+            self.host.copy_(d)
+            d = self.host
+        return d.to(self.device, non_blocking=True, copy=True)
+
+    def update_to_host(self, updates: dict[Fragment, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The update fragments at their partition offsets in the host buffer, zero elsewhere (the
+        padding of a partition gets no update). One device-to-host copy, waited for: the host
+        applies the update next."""
+        packed = torch.zeros(like.numel(), dtype=like.dtype, device=self.device)
+        for f, u in updates.items():
+            packed[f.offset : f.offset + f.numel] = u
+        self.host.copy_(packed)
+        return self.host
 
 
 class Scion(torch.optim.Optimizer):
@@ -117,8 +164,8 @@ class Scion(torch.optim.Optimizer):
         # The parameters of each group as given, before DeepSpeed swaps in flat partitions.
         self._members: list[list[torch.Tensor]] = []
         self._names: dict[int, str] = {}
-        self._layouts: dict[Any, Layout] = {}
-        self._replicas_checked = False
+        self._layouts: dict[Any, Any] = {}
+        self._staging: dict[Any, _Staging] = {}
         self.process_group = process_group
         self.tensor_parallel_group = tensor_parallel_group
         """TP group of AutoTP-sharded weights (default: DeepSpeed's); used only when some are sharded."""
@@ -220,35 +267,42 @@ class Scion(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         stepped = False
-        start = time.perf_counter()
-        for group in self.param_groups:
-            params = group["params"]
-            if not params:
-                continue  # ZeRO-3 empties the groups it is not stepping
-            members = self._members[group["scion_gid"]]
-            if _is_zero_partitioned(members) and not any(p is m for p in params[:1] for m in members):
-                stepped |= self._step_flat_partition(group, params, members)
-            elif [tuple(p.shape) for p in params] == [tuple(m.shape) for m in members]:
-                # The parameters themselves, or per-parameter master copies (DeepSpeed stage 0 bf16).
-                stepped |= self._step_parameters(group, params, members)
-            else:
-                raise RuntimeError(
-                    f"Scion: param group {group['scion_gid']} was given {len(params)} tensors that are neither its "
-                    f"{len(members)} parameters (or same-shape master copies) nor a DeepSpeed ZeRO flat partition; "
-                    "the optimizer wrapper around Scion is not supported. With DeepSpeed AutoTP, build Scion after "
-                    "the model is sharded: pass deepspeed.initialize(optimizer=<callable>) "
-                    "(disco_ds.tensor_parallel's docs), not an optimizer made from the unsharded parameters"
-                )
+        groups = [(g, self._members[g["scion_gid"]]) for g in self.param_groups if g["params"]]  # ZeRO-3 empties the others
+        if not groups:
+            return loss
+        first, first_members = groups[0]
+        with self.stats.step.region(self._work_device(first["params"][0], first_members)):
+            for group, members in groups:
+                params = group["params"]
+                if _is_zero_partitioned(members) and not any(p is m for p in params[:1] for m in members):
+                    stepped |= self._step_flat_partition(group, params, members)
+                elif [tuple(p.shape) for p in params] == [tuple(m.shape) for m in members]:
+                    # The parameters themselves, or per-parameter master copies (DeepSpeed stage 0 bf16).
+                    stepped |= self._step_parameters(group, params, members)
+                else:
+                    raise RuntimeError(
+                        f"Scion: param group {group['scion_gid']} was given {len(params)} tensors that are neither its "
+                        f"{len(members)} parameters (or same-shape master copies) nor a DeepSpeed ZeRO flat partition; "
+                        "the optimizer wrapper around Scion is not supported. With DeepSpeed AutoTP, build Scion after "
+                        "the model is sharded: pass deepspeed.initialize(optimizer=<callable>) "
+                        "(disco_ds.tensor_parallel's docs), not an optimizer made from the unsharded parameters"
+                    )
         self.steps += int(stepped)
-        self.stats.step_seconds += time.perf_counter() - start
         return loss
+
+    @staticmethod
+    def _work_device(t: torch.Tensor, members: list[torch.Tensor]) -> torch.device:
+        """Where a group's collectives and Newton–Schulz run: with its tensors, except that a
+        ZeRO-Offload partition (host memory) is staged onto the accelerator."""
+        return accelerator_device() if _is_zero_partitioned(members) and _offloaded(members) else t.device
 
     def pop_metrics(self) -> dict[str, float]:
         """What happened since the previous call (one optimizer step, when called once per step):
 
-        * ``optimizer/step_s``, ``optimizer/comm_s``, ``optimizer/newton_schulz_s``: wall time of
-          ``step()`` and the parts of it spent in collectives and in Newton–Schulz on this rank;
-          ``optimizer/bytes_sent``;
+        * ``optimizer/step_s``, ``optimizer/comm_s``, ``optimizer/newton_schulz_s``: time of
+          ``step()`` and the parts of it spent in collectives and in Newton–Schulz on this rank
+          (measured with CUDA events on a GPU, read here, which waits for the step's GPU work;
+          the host clock on the CPU); ``optimizer/bytes_sent``;
         * while :attr:`track_norms` is on: ``norm/<group>/weight`` and ``norm/<group>/update``
           (SPEC 4 norm per role: RMS→RMS hidden, ℓ1→RMS embedding, RMS→∞ output, RMS vectors; the
           largest over the group's matrices) and ``effective_lr/<group>`` = ‖ΔW‖_F / ‖W‖_F.
@@ -256,14 +310,10 @@ class Scion(torch.optim.Optimizer):
         Every rank gets the same norms; log them on rank 0.
         """
         s = self.stats
-        step_s, comm_s, ns_s, sent = self._mark
-        metrics = {
-            "optimizer/step_s": s.step_seconds - step_s,
-            "optimizer/comm_s": s.comm_seconds - comm_s,
-            "optimizer/newton_schulz_s": s.ns_seconds - ns_s,
-            "optimizer/bytes_sent": float(s.bytes_sent - sent),
-        }
-        self._mark = (s.step_seconds, s.comm_seconds, s.ns_seconds, s.bytes_sent)
+        now = (s.step_seconds, s.comm_seconds, s.ns_seconds, float(s.bytes_sent))
+        names = ("optimizer/step_s", "optimizer/comm_s", "optimizer/newton_schulz_s", "optimizer/bytes_sent")
+        metrics = {name: value - before for name, value, before in zip(names, now, self._mark)}
+        self._mark = now
         metrics.update(self.monitor.pop())
         return metrics
 
@@ -289,12 +339,13 @@ class Scion(torch.optim.Optimizer):
         return {f: updates[f].float() * -step_size + w.float() * (decay - 1.0) for f, w in weights.items()}
 
     def _measure(self, group: dict[str, Any], layout: Layout, keys: list[str], weights: dict[Any, torch.Tensor],
-                 deltas: dict[Any, torch.Tensor] | None) -> None:
+                 deltas: dict[Any, torch.Tensor] | None, device: torch.device) -> None:
         if deltas is None:
             return
         label = str(group.get("role", group.get("name", f"group{group['scion_gid']}")))
         norm = self.norm_of(group)
-        self.monitor.measure(label, norm_kind(group.get("role"), norm), norm, layout, keys, weights, deltas, self.stats)
+        self.monitor.measure(label, norm_kind(group.get("role"), norm), norm, layout, keys, weights, deltas, self.stats,
+                             device=device)
 
     def _uses_tensor_parallel(self) -> bool:
         """Whether any parameter of any group is an AutoTP shard: then every group's replicas are
@@ -315,115 +366,176 @@ class Scion(torch.optim.Optimizer):
     def _step_parameters(self, group: dict[str, Any], params: list[torch.Tensor], members: list[torch.Tensor]) -> bool:
         """Whole parameters: one process, or data-parallel replicas (DDP, ZeRO stage 0)."""
         dp_group = self._data_parallel_group()
-        if dp_group is not None:
-            self._check_replicas(dp_group)
-        keys = [self._key(m) for p, m in zip(params, members) if p.grad is not None]
-        params = [p for p in params if p.grad is not None]
-        if self.steps == 0 and params and not any(bool(p.grad.any()) for p in params):
-            # DeepSpeed's stage-0 fp16/bf16 wrapper calls step() once at initialisation with zeroed
-            # gradients to create optimizer state; that is not an optimizer step.
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        keys = [self._key(members[i]) for i in with_grad]
+        params = [params[i] for i in with_grad]
+        if not params:
+            return False
+        device = params[0].device
+        if self.steps == 0 and self._skip_first_call(params, dp_group, device):
             return False
         directions = [self._direction(p, group) for p in params]
         # One process is the world-size-1 case of the replicated layout: the same owner engine
-        # (and the same exactly-once counters) serves one process, DDP and ZeRO stage 0.
-        layout_key = ("replicated", id(dp_group), tuple(id(p) for p in params))
+        # (and the same exactly-once counters) serves one process, DDP and ZeRO stage 0. The key
+        # holds nothing rank-specific, so every rank builds (collectively, under TP) at the same step.
+        layout_key = ("replicated", group["scion_gid"], tuple(with_grad))
         if layout_key not in self._layouts:
             layout = replicated_layout(params, dp_group)
             if self._uses_tensor_parallel():
-                layout = lift_layout(layout, [m for m, p in zip(members, group["params"]) if p.grad is not None],
-                                     self.tensor_parallel_group)
+                layout = lift_layout(layout, [members[i] for i in with_grad], self.tensor_parallel_group)
             self._layouts[layout_key] = layout
         layout = self._layouts[layout_key]
         fragments = layout.local()
         out = distributed_lmo(layout, self.norm_of(group), {f: d.reshape(-1) for f, d in zip(fragments, directions)},
                               comm_dtype=self.comm_dtype, max_numel_per_rank=self.max_gather_numel,
-                              stats=self.stats, member_keys=keys, on_gathered=self.on_gathered)
+                              stats=self.stats, member_keys=keys, on_gathered=self.on_gathered, device=device)
         deltas = self._planned_deltas(group, {f: p.reshape(-1) for f, p in zip(fragments, params)}, out)
         for f, p in zip(fragments, params):
             self._apply(group, p, out[f].view(p.shape))
-        self._measure(group, layout, keys, {f: p.reshape(-1) for f, p in zip(fragments, params)}, deltas)
-        return bool(params)
+        self._measure(group, layout, keys, {f: p.reshape(-1) for f, p in zip(fragments, params)}, deltas, device)
+        return True
+
+    def _skip_first_call(self, params: list[torch.Tensor], dp_group: Any, device: torch.device) -> bool:
+        """Checks before the first update of whole parameters, agreed by all replicas at once.
+
+        * Replicas must hold identical gradients, or every owner would orthogonalise something
+          different from what the others assume.
+        * DeepSpeed's stage-0 fp16/bf16 wrapper calls ``step()`` once at initialisation with
+          zeroed gradients to create optimizer state; that call is not a step and is skipped.
+
+        Each replica contributes (sum of its gradients, their count, whether all are zero); one
+        all-reduce of those numbers and their negatives (MAX) yields the largest and smallest of
+        each over the group, so every rank reaches the same verdict and either all skip, all
+        step, or all raise. Runs only until the first update (it waits for the device).
+        """
+        local = torch.zeros(3, dtype=torch.float64, device=device)
+        for p in params:
+            local[0] += p.grad.double().sum()
+        local[1] = len(params)
+        local[2] = (~torch.stack([p.grad.any() for p in params]).any()).double()
+        if injected_fault("zero-gradient-skip"):
+            local[2] = 1.0 - local[2]
+        if dp_group is None:
+            return bool(local[2])
+        both = torch.cat([local, -local])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=dp_group)
+        high, low = both[:3], -both[3:]
+        if not torch.equal(low, high):
+            raise RankCheckError(
+                "Scion: gradients differ across data-parallel ranks (their sums, counts or all-zero flags before the "
+                "first step). Scion orthogonalises each matrix on one owner rank and shares the update, which assumes "
+                "replicas with averaged gradients (DDP, DeepSpeed). Wrap the model in DistributedDataParallel, or pass "
+                "process_group= for the group whose ranks hold the same parameters."
+            )
+        return bool(high[2])
 
     def _step_flat_partition(self, group: dict[str, Any], params: list[torch.Tensor], members: list[torch.Tensor]) -> bool:
-        """A DeepSpeed ZeRO flat partition: momentum on the local slice, LMO through the owners."""
+        """A DeepSpeed ZeRO flat partition: momentum on the local slice, LMO through the owners.
+
+        Under ZeRO-Offload the partition, its gradient and ``exp_avg`` stay in host memory (the
+        momentum is elementwise, so it is updated there); the direction is staged onto the
+        accelerator for the collectives and Newton–Schulz, and the update comes back to be applied.
+        """
         if len(params) != 1 or params[0].dim() != 1:
             raise RuntimeError(
                 f"Scion: param group {group['scion_gid']} holds {len(params)} tensors instead of one flat ZeRO "
                 "partition; this DeepSpeed wrapper is not supported"
             )
         flat = params[0]
+        offloaded = _offloaded(members)
+        device = accelerator_device() if offloaded else flat.device
+        layout, sg_members, key = self._flat_layout(flat, members, group, device)
         if flat.grad is None:
+            # After the first call (where the ranks agreed that every partition has its gradient),
+            # DeepSpeed assigns each partition's gradient before every call, on every rank alike.
             raise RuntimeError(f"Scion: DeepSpeed called step() for param group {group['scion_gid']} without a gradient")
-        layout, sg_members = self._flat_layout(flat, members)
+        staging = None
+        if offloaded:
+            if key not in self._staging:
+                self._staging[key] = _Staging(flat, device)
+            staging = self._staging[key]
         d = self._direction(flat, group)
+        d = staging.direction_to_device(d) if staging is not None else d
         directions = {f: d.narrow(0, f.offset, f.numel) for f in layout.local()}
+        keys = [self._key(p) for p in sg_members]
         out = distributed_lmo(layout, self.norm_of(group), directions, comm_dtype=self.comm_dtype,
                               max_numel_per_rank=self.max_gather_numel, stats=self.stats,
-                              member_keys=[self._key(p) for p in sg_members], on_gathered=self.on_gathered)
-        weights = {f: flat.narrow(0, f.offset, f.numel) for f in layout.local()}
-        deltas = self._planned_deltas(group, weights, out)
+                              member_keys=keys, on_gathered=self.on_gathered, device=device)
+        deltas = self._planned_deltas(group, self._fragments(layout, flat, device), out) if self.track_norms else None
         decay, step_size = self._decay_and_step(group)
         if decay != 1.0:
             flat.mul_(decay)
-        for f, u in out.items():  # padding entries of the partition get no update
-            weights[f].add_(u.to(flat.dtype), alpha=-step_size)
-        self._measure(group, layout, [self._key(p) for p in sg_members], weights, deltas)
+        if staging is not None:
+            flat.add_(staging.update_to_host(out, flat), alpha=-step_size)
+        else:
+            for f, u in out.items():  # padding entries of the partition get no update
+                flat.narrow(0, f.offset, f.numel).add_(u.to(flat.dtype), alpha=-step_size)
+        if deltas is not None:
+            self._measure(group, layout, keys, self._fragments(layout, flat, device), deltas, device)
         return True
 
-    def _flat_layout(self, flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layout, list[torch.Tensor]]:
-        """The (cached) layout of a flat partition; rebuilt when DeepSpeed hands a new tensor."""
-        key = ("flat", id(flat), flat.data_ptr(), flat.numel())
+    @staticmethod
+    def _fragments(layout: Layout, flat: torch.Tensor, device: torch.device) -> dict[Fragment, torch.Tensor]:
+        """This rank's fragments of ``flat`` on the communication device: views, or under ZeRO-Offload
+        views of one copy (only while norms are tracked)."""
+        on_device = flat if flat.device == device else flat.to(device, copy=True)
+        return {f: on_device.narrow(0, f.offset, f.numel) for f in layout.local()}
+
+    def _flat_layout(self, flat: torch.Tensor, members: list[torch.Tensor], group: dict[str, Any],
+                     device: torch.device) -> tuple[Layout, list[torch.Tensor], Any]:
+        """The (cached) layout of a flat partition, and its cache key.
+
+        The key holds nothing rank-specific (param group, ZeRO-3 sub-group), so every rank builds
+        and self-tests a layout at the same call: building is collective. The first call for a
+        layout is also where the checks that could fail on one rank only (the self-test, a
+        partition without a gradient) are agreed over every rank taking part in the step's
+        collectives (:func:`disco_ds.distributed.raise_if_any_failed`).
+        """
+        z3 = getattr(members[0], "_z3_optimizer", None) is not None
+        key = ("zero3", group["scion_gid"], zero3_sub_group(flat, members)) if z3 else ("flat", group["scion_gid"])
         if key not in self._layouts:
-            if getattr(members[0], "_z3_optimizer", None) is not None:
+            if z3:
                 layout, sg_members = zero3_layout(flat, members)
             else:
                 layout, sg_members = zero12_layout(members), members
-            self._verify_layout(layout, flat, sg_members)
-            if self._uses_tensor_parallel():
+            error = self._layout_error(layout, flat, sg_members)
+            if flat.grad is None or injected_fault("missing-gradient"):
+                error = f"DeepSpeed called step() for param group {group['scion_gid']} without a gradient"
+            tensor_parallel = self._uses_tensor_parallel()
+            # Under TP the lifted layout is built over the whole grid (the world), so all of it agrees.
+            raise_if_any_failed(error, None if tensor_parallel else layout.group, device,
+                                "Scion: the first-step check of a ZeRO flat partition")
+            if tensor_parallel:
                 # One owner per logical matrix in the whole TP×DP grid (never a lone TP shard).
                 layout = lift_layout(layout, sg_members, self.tensor_parallel_group)
             self._layouts[key] = (layout, sg_members)
-        return self._layouts[key]
+        layout, sg_members = self._layouts[key]
+        return layout, sg_members, key
 
-    def _verify_layout(self, layout: Layout, flat: torch.Tensor, members: list[torch.Tensor]) -> None:
+    def _layout_error(self, layout: Layout, flat: torch.Tensor, members: list[torch.Tensor]) -> str | None:
         """Self-test of a new layout: each local fragment of the fp32 master partition must equal
         the same entries of the model's own (bf16 or fp32) weights, which DeepSpeed keeps in step.
+        Compared like with like: the master fragment is rounded to the weights' dtype and brought
+        to their device (under ZeRO-Offload the master is in host memory, the weights are not).
 
         A mismatch means DeepSpeed's bookkeeping does not describe the flat buffer, and every
         matrix would be rebuilt from the wrong entries: an error, never a fallback.
         """
-        for f in layout.local():
-            p = members[f.member]
-            own = p.ds_tensor.view(-1)[: f.numel] if hasattr(p, "ds_tensor") else p.data.view(-1)[f.start : f.start + f.numel]
-            master = flat.detach().narrow(0, f.offset, f.numel).to(own.dtype)
-            if not torch.equal(master, own):
-                raise ValueError(
-                    f"Scion: DeepSpeed's fragment address for {self._key(p)} does not match the flat fp32 partition, "
-                    "so matrices cannot be rebuilt from it. The known cause is "
-                    "zero_optimization.round_robin_gradients=true, which is not supported with Scion: set it to false."
-                )
+        mismatched = [self._key(members[f.member]) for f in layout.local() if not self._fragment_matches(f, flat, members)]
+        if injected_fault("layout-self-test"):
+            mismatched.append("(injected by the test hook)")
+        if not mismatched:
+            return None
+        return (f"DeepSpeed's fragment addresses for {', '.join(mismatched)} do not match the flat fp32 partition, so "
+                "matrices cannot be rebuilt from it. The known cause is zero_optimization.round_robin_gradients=true, "
+                "which is not supported with Scion: set it to false.")
 
-    def _check_replicas(self, group: Any) -> None:
-        """First step: data-parallel replicas must hold identical gradients, or owners would be wrong."""
-        if self._replicas_checked:
-            return
-        self._replicas_checked = True
-        local = torch.zeros(2, dtype=torch.float64)
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    local[0] += p.grad.double().sum().item()
-                    local[1] += 1
-        low, high = local.clone(), local.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-        if not torch.equal(low, high):
-            raise RuntimeError(
-                "Scion: gradients differ across data-parallel ranks. Scion orthogonalises each matrix on one "
-                "owner rank and shares the update, which assumes replicas with averaged gradients (DDP, "
-                "DeepSpeed). Wrap the model in DistributedDataParallel, or pass process_group= for the group "
-                "whose ranks hold the same parameters."
-            )
+    @staticmethod
+    def _fragment_matches(f: Fragment, flat: torch.Tensor, members: list[torch.Tensor]) -> bool:
+        p = members[f.member]
+        own = p.ds_tensor.view(-1)[: f.numel] if hasattr(p, "ds_tensor") else p.data.view(-1)[f.start : f.start + f.numel]
+        master = flat.detach().narrow(0, f.offset, f.numel).to(device=own.device, dtype=own.dtype)
+        return torch.equal(master, own)
 
     def _key(self, p: torch.Tensor) -> str:
         return self._names.get(id(p), f"param@{id(p):x}")

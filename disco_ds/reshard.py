@@ -80,7 +80,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from disco_ds.distributed import logical_shape
+from disco_ds.distributed import accelerator_device, logical_shape, raise_if_any_failed
 from disco_ds.optim import Scion
 
 __all__ = ["save_portable", "load_portable", "PORTABLE_FORMAT"]
@@ -209,6 +209,8 @@ def save_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str]) -> 
 
     Raises:
         TypeError: if the engine's optimizer is not (a DeepSpeed wrapper around) Scion.
+        disco_ds.distributed.RankCheckError: on every rank, when rank 0 could not write ``path``
+            (naming it and the cause).
         NotImplementedError: for an optimizer layout this module does not know (see the module docstring).
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -219,13 +221,15 @@ def save_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str]) -> 
     layout.relink_momentum_fragments()
 
     # Which parameters have momentum must be decided identically on every rank (each one is a
-    # collective below): take the minimum over ranks of the local answer.
-    has_momentum = torch.tensor([1.0 if layout.has_momentum(p) else 0.0 for _, p in named], dtype=torch.float32)
+    # collective below): take the minimum over ranks of the local answer, on the communication device.
+    has_momentum = torch.tensor([1.0 if layout.has_momentum(p) else 0.0 for _, p in named], dtype=torch.float32,
+                                device=accelerator_device())
     if _collective():
         dist.all_reduce(has_momentum, op=dist.ReduceOp.MIN)
 
     params: dict[str, torch.Tensor] = {}
     momentum: dict[str, torch.Tensor] = {}
+    error: str | None = None
     for (name, p), with_momentum in zip(named, has_momentum.tolist()):
         if id(p) not in layout.group_of:
             params[name] = _frozen_value(layout, p)
@@ -237,9 +241,9 @@ def save_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str]) -> 
             weight = safe_get_full_fp32_param(p)
             exp_avg = safe_get_full_optimizer_state(p, MOMENTUM_KEY) if with_momentum else None
         if rank == 0:
-            params[name] = weight.detach().float().reshape(logical_shape(p)).cpu().clone()
+            params[name] = _for_file(weight, p)
             if exp_avg is not None:
-                momentum[name] = exp_avg.detach().float().reshape(logical_shape(p)).cpu().clone()
+                momentum[name] = _for_file(exp_avg, p)
 
     if rank == 0:
         groups = []
@@ -260,9 +264,18 @@ def save_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str]) -> 
             "saved_world_size": dist.get_world_size() if _collective() else 1,
             "saved_zero_stage": int(engine.zero_optimization_stage()),
         }
-        _atomic_save(record, Path(path))
-    if _collective():
-        dist.barrier()
+        try:
+            _atomic_save(record, Path(path))
+        except Exception as err:  # noqa: BLE001 -- the other ranks must hear of it, not wait in a barrier
+            error = f"{path}: {type(err).__name__}: {err}"
+    # Instead of a barrier: rank 0's verdict, the same error on every rank when the write failed.
+    raise_if_any_failed(error, None, accelerator_device(), f"writing the portable checkpoint {path}")
+
+
+def _for_file(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A gathered full tensor as the file stores it: fp32, in ``p``'s logical shape, in host memory
+    (it has left the collectives: only ``torch.save`` reads it)."""
+    return t.detach().float().reshape(logical_shape(p)).cpu().clone()
 
 
 def _frozen_value(layout: _Layout, p: torch.Tensor) -> torch.Tensor:
@@ -443,12 +456,11 @@ def _set_zero3_local(layout: _Layout, p: torch.Tensor, full: torch.Tensor, key: 
     pn = int(p.partition_numel())
     rank = ds_comm.get_rank(group=p.ds_process_group)
     flat = full.reshape(-1).float()
-    local = torch.zeros(pn, dtype=torch.float32)
+    local = torch.zeros(pn, dtype=torch.float32, device=layout.state_tensor_of(p).device)
     start = rank * pn
     n = max(0, min(pn, flat.numel() - start))
     if n > 0:
         local[:n] = flat[start : start + n]
-    local = local.to(layout.state_tensor_of(p).device)
     if key is None:
         safe_set_local_fp32_param(p, local)
     else:

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from disco_ds.distributed import Fragment, Layout
+from disco_ds.distributed import Fragment, Layout, RankCheckError, injected_fault
 
 __all__ = [
     "COLUMN_PARALLEL",
@@ -201,11 +201,40 @@ def lift_layout(inner: Layout, members: list[torch.Tensor], tp_group: Any = None
         grid_group: the group spanning TP×DP (default: the world).
 
     Collective over ``grid_group`` (one ``all_gather_object``). Raises if the grid's fragments do
-    not cover every logical matrix exactly once, so no LMO can ever see a lone shard.
+    not cover every logical matrix exactly once, so no LMO can ever see a lone shard. The checks
+    of this rank's own shards travel in the same gather, so a failure on any rank is raised by
+    every rank, with the same message, instead of leaving the others in the next collective.
     """
     tp_group = tp_group if tp_group is not None else tensor_parallel_group()
     tp_rank, tp_world = dist.get_rank(tp_group), dist.get_world_size(tp_group)
     grid_rank, grid_world = dist.get_rank(grid_group), dist.get_world_size(grid_group)
+    local: list[tuple[int, int, int, int, bool]] = []
+    specs: list[TPSpec | None] = []
+    try:
+        specs = _shard_specs(inner, members, tp_rank, tp_world, grid_world)
+        local = _grid_fragments(inner, specs, tp_rank)
+        error = "(injected by the test hook)" if injected_fault("tp-layout") else None
+    except (RuntimeError, NotImplementedError) as e:
+        error = str(e)
+    tables: list[Any] = [None] * grid_world
+    dist.all_gather_object(tables, (local, error), group=grid_group)
+    failed = [(r, e) for r, (_, e) in enumerate(tables) if e is not None]
+    if failed:
+        raise RankCheckError(f"Scion: the tensor-parallel layout check failed on {len(failed)} of {grid_world} ranks ("
+                             + "; ".join(f"rank {r}: {e}" for r, e in failed) + ")")
+    tables = [table for table, _ in tables]
+    fragments = [sorted((Fragment(*t[:4]) for t in table), key=lambda f: (f.member, f.start)) for table in tables]
+    sources = [sorted((Fragment(*t[:4]) for t in table if t[4]), key=lambda f: (f.member, f.start)) for table in tables]
+    shapes = [spec.logical_shape if spec is not None else tuple(inner.shapes[i]) for i, spec in enumerate(specs)]
+    blocks = {i: spec.sizes for i, spec in enumerate(specs) if spec is not None and spec.dim == 1}
+    layout = Layout(shapes=shapes, fragments=fragments, group=grid_group, rank=grid_rank, blocks=blocks, sources=sources)
+    _check_cover(layout)
+    return layout
+
+
+def _shard_specs(inner: Layout, members: list[torch.Tensor], tp_rank: int, tp_world: int,
+                 grid_world: int) -> list[TPSpec | None]:
+    """This rank's shard descriptions, checked against the TP group (raises RuntimeError)."""
     if grid_world != tp_world * inner.world_size:
         raise RuntimeError(f"Scion: the grid has {grid_world} ranks but TP × DP = {tp_world} × {inner.world_size}; "
                            "pipeline parallelism with tensor parallelism is not supported")
@@ -218,6 +247,12 @@ def lift_layout(inner: Layout, members: list[torch.Tensor], tp_group: Any = None
         if tuple(inner.shapes[i]) != spec.shard_shape(tp_rank):
             raise RuntimeError(f"Scion: TP rank {tp_rank} holds a shard of shape {tuple(inner.shapes[i])} of member {i}, "
                                f"expected {spec.shard_shape(tp_rank)} from its partition sizes {spec.sizes}")
+    return specs
+
+
+def _grid_fragments(inner: Layout, specs: list[TPSpec | None], tp_rank: int) -> list[tuple[int, int, int, int, bool]]:
+    """This rank's fragments in the logical members' index spaces: ``(member, start, numel, offset,
+    contributes)``; a replicated member counts from TP rank 0's copy only."""
     if inner.replicated:
         inner_sources = set(inner.local()) if inner.rank == 0 else set()
     else:
@@ -230,15 +265,7 @@ def lift_layout(inner: Layout, members: list[torch.Tensor], tp_group: Any = None
         else:
             start, source = spec.block_start(tp_rank) + f.start, f in inner_sources
         local.append((f.member, start, f.numel, f.offset, source))
-    tables: list[Any] = [None] * grid_world
-    dist.all_gather_object(tables, local, group=grid_group)
-    fragments = [sorted((Fragment(*t[:4]) for t in table), key=lambda f: (f.member, f.start)) for table in tables]
-    sources = [sorted((Fragment(*t[:4]) for t in table if t[4]), key=lambda f: (f.member, f.start)) for table in tables]
-    shapes = [spec.logical_shape if spec is not None else tuple(inner.shapes[i]) for i, spec in enumerate(specs)]
-    blocks = {i: spec.sizes for i, spec in enumerate(specs) if spec is not None and spec.dim == 1}
-    layout = Layout(shapes=shapes, fragments=fragments, group=grid_group, rank=grid_rank, blocks=blocks, sources=sources)
-    _check_cover(layout)
-    return layout
+    return local
 
 
 def _check_cover(layout: Layout) -> None:

@@ -1,7 +1,10 @@
 """Unit tests of the distributed plumbing that need no processes: fragment geometry, the
-separable-norm completion from partial sums, owner assignment and exchange rounds."""
+separable-norm completion from partial sums, owner assignment and exchange rounds, buffers on the
+communication device, the agreement of failures over ranks, and the timers."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -34,7 +37,7 @@ def test_separable_lmo_from_three_ranks_equals_whole_lmo(monkeypatch, norm, shap
         monkeypatch.setattr(D.dist, "all_reduce", fake_all_reduce)
         layout = Layout(shapes=[shape], fragments=fragments, group=None, rank=rank)
         directions = {f: flat[f.start : f.start + f.numel] for f in layout.local()}
-        return D._separable_lmo(layout, norm, [0], directions, ExchangeStats())
+        return D._separable_lmo(layout, norm, [0], directions, ExchangeStats(), flat.device)
 
     partials = []
     for r in range(3):
@@ -84,3 +87,84 @@ def test_rounds_bound_gathered_entries_per_owner() -> None:
     for r in rounds:
         assert len(r) == 1 or sum(layout.numel(m) for m in r) <= 150
     assert len(plan_rounds(layout, owners, max_numel_per_rank=10**6)) == 1
+
+
+def test_a_rank_without_fragments_builds_its_buffers_on_the_given_device(monkeypatch) -> None:
+    """Rank 1 holds nothing of the matrix, yet enters the all_reduce: its buffer must be on the
+    communication device passed down (``meta`` here, to tell it from a host fallback)."""
+    reduced: list[torch.Tensor] = []
+    monkeypatch.setattr(D.dist, "all_reduce", lambda t, group=None: reduced.append(t))
+    layout = Layout(shapes=[(4, 3)], fragments=[[Fragment(0, 0, 12, 0)], []], group=None, rank=1)
+    assert D._separable_lmo(layout, RowNorm(), [0], {}, ExchangeStats(), torch.device("meta")) == {}
+    D.matrix_products(layout, [{}], [{}], transpose=False, stats=ExchangeStats(), device=torch.device("meta"))
+    assert [t.device.type for t in reduced] == ["meta", "meta"]
+    with pytest.raises(ValueError, match="pass device="):
+        D.distributed_lmo(layout, RowNorm(), {})
+
+
+@pytest.mark.parametrize("failing", [[], [1], [0, 2]])
+def test_a_failure_on_some_ranks_is_raised_on_every_rank(monkeypatch, failing: list[int]) -> None:
+    """Three ranks, emulated: the flags all-reduce adds every rank's flag, the object gather returns
+    every rank's message. Every rank, failing or not, raises the same error, or none does."""
+    world = 3
+    errors = {r: (f"bad fragment on {r}" if r in failing else None) for r in range(world)}
+    outcomes = []
+    for rank in range(world):
+        monkeypatch.setattr(D, "_group_rank_and_size", lambda group, rank=rank: (rank, world))
+        monkeypatch.setattr(D.dist, "all_reduce", lambda t, group=None: t.copy_(torch.tensor([int(errors[r] is not None)
+                                                                                              for r in range(world)])))
+        monkeypatch.setattr(D.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(
+            slice(None), [errors[r] for r in range(world)]))
+        try:
+            D.raise_if_any_failed(errors[rank], None, torch.device("cpu"), "the check")
+            outcomes.append(None)
+        except D.RankCheckError as e:
+            outcomes.append(str(e))
+    if not failing:
+        assert outcomes == [None] * world
+    else:
+        assert len(set(outcomes)) == 1 and outcomes[0] is not None
+        for r in failing:
+            assert f"rank {r}: bad fragment on {r}" in outcomes[0]
+
+
+def test_injected_fault_names_a_check_and_a_rank(monkeypatch) -> None:
+    monkeypatch.setenv(D.FAULT_ENV, "layout-self-test@0")
+    assert D.injected_fault("layout-self-test")  # one process is rank 0
+    assert not D.injected_fault("missing-gradient")
+    monkeypatch.setenv(D.FAULT_ENV, "layout-self-test@1")
+    assert not D.injected_fault("layout-self-test")
+    monkeypatch.setenv(D.FAULT_ENV, "kill-during-save@20")  # the checkpoint hook's, not a check
+    assert not D.injected_fault("kill-during-save")
+
+
+def test_stopwatch_on_the_host_adds_wall_time() -> None:
+    watch = D.Stopwatch()
+    with watch.region(torch.device("cpu")):
+        time.sleep(0.02)
+    with watch.region(torch.device("cpu")):
+        pass
+    assert 0.02 <= watch.seconds() < 1.0
+    stats = ExchangeStats()
+    with stats.ns.region(torch.device("cpu")):
+        time.sleep(0.01)
+    assert stats.ns_seconds >= 0.01 and stats.comm_seconds == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stopwatch_on_cuda_times_the_device_work_without_waiting() -> None:
+    """The region ends as soon as the work is enqueued; the events give its duration when read."""
+    device = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=device)
+    a = a @ a  # warm up the matmul library outside the timed region
+    watch = D.Stopwatch()
+    torch.cuda.synchronize()
+    host = time.perf_counter()
+    with watch.region(device):
+        for _ in range(20):
+            a = a @ a
+            a = a / a.norm()
+    host = time.perf_counter() - host
+    assert len(watch._pending) == 1
+    device_s = watch.seconds()
+    assert not watch._pending and device_s > host

@@ -98,6 +98,7 @@ def assert_exactly_once(result: dict) -> None:
     assert totals == {"up.weight": steps, "mid.weight": steps, "down.weight": steps}, totals
 
 
+OFFLOAD = {"zero": {"offload_optimizer": {"device": "cpu"}}, "ds": {"zero_force_ds_cpu_optimizer": False}}
 CASES = [
     # (name, stage, world, accum, extra worker config). Names starting with "ds" reproduce a known
     # failure of DeepSpeed's own Muon (issue number) as a case that passes here.
@@ -117,6 +118,10 @@ CASES = [
     # Chunked rounds: owners gather at most 250 entries at a time (matrices have 240-400), so the
     # owner of two matrices takes them in separate rounds.
     ("z3-chunked-rounds", 3, 2, 1, {"max_gather_numel": 250}),
+    # ZeRO-Offload (DeepSpeed #8463 was its own Muon going wrong there): partitions, gradients and
+    # exp_avg in host memory, the LMO's input staged onto the accelerator and the update copied back.
+    ("ds8463-offload-z2", 2, 2, 1, OFFLOAD),
+    ("offload-z3-w3-odd-partitions", 3, 3, 1, OFFLOAD),
 ]
 
 
@@ -132,6 +137,7 @@ def test_fp32_transport_equals_single_process(tmp_path: Path, name: str, stage: 
         assert all(rank["comm_seconds"] > 0 for rank in result["ranks"])
     if "max_gather_numel" in extra:
         assert min(rank["rounds"] for rank in result["ranks"]) >= 2 * result["cfg"]["steps"]
+    assert all((rank["staged_partitions"] > 0) == (extra is OFFLOAD) for rank in result["ranks"])
     assert_exactly_once(result)
 
 
@@ -150,6 +156,8 @@ BF16_CASES = [
     ("ds8461-bf16-optimizer-path", 1, 2, {"ds": {"data_types": {"grad_accum_dtype": "fp32"}}}),
     ("z2-w3", 2, 3, {}),
     ("z3", 3, 2, {}),
+    # The self-test compares the host fp32 master with the bf16 weights: rounded, on their device.
+    ("z2-offload", 2, 2, OFFLOAD),
 ]
 
 

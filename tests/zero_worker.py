@@ -141,6 +141,8 @@ def main() -> None:
         "ns_seconds": stats.ns_seconds,
         "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
         "optimizer_steps": opt.steps,
+        # ZeRO-Offload partitions staged onto the accelerator for the LMO (an identity copy on the CPU).
+        "staged_partitions": len(opt._staging),
         "local_weights": local_weights,
         "metrics": metrics,
         # max |gathered/m − safe_get_full_grad| per matrix this rank owned on the first step
