@@ -4,9 +4,9 @@ stay constant across horizons at the scale of the tiny model?
 Runs ``disco_ds sweep`` on the tiny recipe over the demo's byte shards (the Python standard
 library's source, written by ``make demo`` or here if missing) in the paper's setting (no momentum,
 one learning rate for every group, constant lr): 6 learning rates × 2 batch sizes, each run read
-at 3 horizons (2^18, 2^19, 2^20 tokens), one process per run, about an hour on 2 CPU cores. Then it prints, per horizon, B*, η* and the optimal ‖W_out‖_RMS→∞ (the
-paper's parabola-vertex method) and says whether the norm is constant within the paper's ±0.2 in
-log2. Not part of ``make test``::
+at 3 horizons (2^17, 2^18, 2^19 tokens), one process per run, about half an hour on 2 idle CPU
+cores. Then it prints, per horizon, B*, η* and the optimal ‖W_out‖_RMS→∞ (the paper's
+parabola-vertex method) and says whether the norm is constant within the paper's ±0.2 in log2. Not part of ``make test``::
 
     .venv/bin/python benchmarks/norm_transfer_cpu.py --out runs/norm_transfer   # then see README
 """
@@ -25,7 +25,7 @@ from disco_ds.sweep import run_sweep
 ROOT = Path(__file__).resolve().parents[1]
 LRS = [2.0**k for k in (-6, -5, -4, -3, -2, -1)]
 BATCHES = [2048, 4096]  # 16 and 32 sequences of 128 bytes
-HORIZONS = [2**18, 2**19, 2**20]
+HORIZONS = [2**17, 2**18, 2**19]
 
 
 def ensure_data(path: Path) -> None:
