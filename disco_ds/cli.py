@@ -1,10 +1,11 @@
-"""``python -m disco_ds`` / ``disco-ds``: train, prepare, export, recipe, sweep.
+"""``python -m disco_ds`` / ``disco-ds``: train, prepare, export, recipe, sweep, verify.
 
     disco-ds prepare --input DIR --out data/stdlib-bytes --tokenizer byte --glob '*.py'
     disco-ds recipe recipes/gpt-124m.yaml [key=value ...] [--world-size 8]
     disco-ds train recipes/tiny.yaml [key=value ...]
     deepspeed --num_gpus 8 --module disco_ds train recipes/gpt-124m.yaml [key=value ...]
     disco-ds export runs/tiny/checkpoints/step_00000977 exported/tiny
+    disco-ds verify runs/tiny
     disco-ds sweep recipes/tiny.yaml --lr 0.05,0.1,0.2 --batch-tokens 2048,4096 --horizons 524288,1048576 --out runs/sweep
 
 The ``deepspeed`` launcher appends ``--local_rank=N``; it is accepted and ignored (the rank comes
@@ -14,6 +15,7 @@ from the environment the launcher sets).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -26,15 +28,20 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from disco_ds.checkpoint import CheckpointError
     from disco_ds.config import load_config
     from disco_ds.distributed import shutdown_and_exit
-    from disco_ds.train import NonFiniteLoss, train
+    from disco_ds.train import Diverged, train
 
     cfg = load_config(args.recipe, args.overrides)
     try:
         train(cfg)
-    except NonFiniteLoss:
+    except Diverged:
         shutdown_and_exit(3)
+    except CheckpointError as err:  # raised on every rank alike: leave together
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"disco-ds: checkpoint error: {err}", file=sys.stderr, flush=True)
+        shutdown_and_exit(1)
     # gloo can abort in its destructors after the work is done: leave cleanly.
     shutdown_and_exit(0)
 
@@ -43,14 +50,52 @@ def _recipe(args: argparse.Namespace) -> int:
     import yaml
 
     from disco_ds.config import load_config, to_dict
-    from disco_ds.scaling import format_plan, plan_run
+    from disco_ds.memory import format_memory
+    from disco_ds.scaling import data_parallel_size, format_plan, plan_run
 
     cfg = load_config(args.recipe, args.overrides)
-    world = args.world_size or cfg.train.reference_world_size
+    # The launched ranks, as `train` counts them: tensor parallelism divides them into replicas.
+    world = args.world_size or cfg.train.reference_world_size * cfg.train.tp_size
+    plan = plan_run(cfg, data_parallel_size(cfg, world))
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print()
-    print(format_plan(cfg, plan_run(cfg, world)))
+    print(format_plan(cfg, plan))
+    print(format_memory(cfg, plan, world))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Print the state of every checkpoint of a run (or of one checkpoint); 1 if any is damaged."""
+    from pathlib import Path
+
+    from disco_ds.checkpoint import COMPLETE, verify_checkpoint
+
+    target = Path(args.path)
+    if (target / COMPLETE).is_file() or target.name.startswith(("step_", ".tmp_step_")):
+        checkpoints = [target]
+    else:
+        root = target / "checkpoints"
+        checkpoints = sorted(root.glob("step_*")) + sorted(root.glob(".tmp_step_*")) if root.is_dir() else []
+    if not checkpoints:
+        print(f"disco-ds verify: {target} holds no checkpoints (expected RUN_DIR/checkpoints/step_* or a checkpoint)",
+              file=sys.stderr)
+        return 2
+    damaged = 0
+    for path in checkpoints:
+        if path.name.startswith(".tmp_"):
+            print(f"{path}  partial: a save that never completed (ignored; the next save removes it)")
+            continue
+        report = verify_checkpoint(path)
+        if not report.ok:
+            damaged += 1
+            print(f"{path}  DAMAGED")
+            for problem in report.problems:
+                print(f"    {problem}")
+        elif report.verified:
+            print(f"{path}  ok: {report.files} files, {report.bytes:,} bytes match their sha256")
+        else:
+            print(f"{path}  unverified: saved before checksums (COMPLETE holds no manifest)")
+    return 1 if damaged else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,11 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
     recipe = commands.add_parser("recipe", help="print a recipe's resolved configuration and its derived batch size and lr")
     _add_recipe_arguments(recipe)
-    recipe.add_argument("--world-size", type=int, default=None, help="data-parallel ranks (default: the recipe's reference)")
+    recipe.add_argument("--world-size", type=int, default=None,
+                        help="launched ranks, as `train` will see them (default: the recipe's reference_world_size × tp_size)")
     recipe.set_defaults(run=_recipe)
     prep = commands.add_parser("prepare", help="tokenise local text into training shards")
     prepare.add_arguments(prep)
     prep.set_defaults(run=prepare.main)
+    ver = commands.add_parser("verify", help="check every checkpoint of a run against its checksums")
+    ver.add_argument("path", help="a run directory (RUN_DIR) or one checkpoint (RUN_DIR/checkpoints/step_N)")
+    ver.set_defaults(run=_verify)
     exp = commands.add_parser("export", help="turn a training checkpoint into a Hugging Face model folder")
     export.add_arguments(exp)
     exp.set_defaults(run=export.main)
@@ -82,7 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m disco_ds`` and the ``disco-ds`` console script."""
     from disco_ds.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow an option (`recipe R --world-size 4 train.tp_size=2`): argparse leaves
+    # the key=value words after the option unparsed.
+    overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+        extra = [word for word in extra if word not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
     except ConfigError as err:

@@ -137,6 +137,17 @@ class TrainConfig:
     """Sequences per rank per micro-step."""
     max_steps: int | None = None
     """Stop after this many steps (the schedule still spans the whole budget)."""
+    max_loss: float | None = None
+    """A training loss above this stops the run as diverged (exit code 3), like NaN/Inf. ``null``:
+    1.5·ln(V) + 1 for the model's vocabulary V. A uniform prediction scores ln(V) and an
+    initialised model starts there; a loss far above it means confident wrong predictions, which
+    only a blow-up produces (the margin keeps the first steps' noise, a few tenths, well clear)."""
+    rise_window: int = 0
+    """Steps of the optional rising-loss rule; 0: off. The run also stops as diverged when the mean
+    loss over the last ``rise_window`` steps exceeds the lowest such mean so far by more than
+    ``max_rise`` (a loss climbing back up below ``max_loss``)."""
+    max_rise: float = 1.0
+    """Nats of rise the ``rise_window`` rule tolerates."""
     zero_stage: int = 2
     tp_size: int = 1
     """Tensor-parallel ranks per model replica (DeepSpeed AutoTP); the data-parallel size is the
@@ -161,6 +172,10 @@ class EvalConfig:
     interval: int = 0
     """Steps between validation passes; 0: only at the end."""
     tokens: int = 262144
+    sample_tokens: int = 0
+    """Tokens of a greedy sample generated and logged at each evaluation; 0: no sample."""
+    sample_prompt: str = ""
+    """Text the sample continues; empty: the start of a document (the end-of-text token)."""
 
 
 @dataclass
@@ -169,7 +184,14 @@ class CheckpointConfig:
     """Steps between checkpoints; 0: only at the end."""
     keep: int = 3
     resume: str = "auto"
-    """``auto`` (newest complete checkpoint of the run, if any), ``none``, or a checkpoint path."""
+    """``auto`` (newest complete checkpoint of the run that verifies, if any), ``none``, or a checkpoint path."""
+    allow_change: bool = False
+    """Resume even when the run differs from the checkpoint's (world size, batch, lr, steps,
+    schedule, optimizer hyperparameters), logging every change; false: such a resume is refused."""
+    portable: bool = True
+    """Also save Scion's full weights and momentum (``portable.pt``, :mod:`disco_ds.reshard`) in every
+    checkpoint, so that it can resume at another world size or ZeRO stage (Scion without tensor
+    parallelism only). Costs one gather to rank 0 and a file of 8 bytes per parameter."""
 
 
 @dataclass
@@ -286,6 +308,26 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+# NormGPTConfig fields whose default is None (derived from others): the type a value must have.
+_DERIVED_OVERRIDE_TYPES: dict[str, Any] = {
+    "n_head": int | None, "n_kv_head": int | None, "ffn_hidden_size": int | None, "init_residual_out": float | None,
+    "bos_token_id": int | None, "eos_token_id": int | None, "pad_token_id": int | None,
+}
+# Shape fields: a model with zero of any of them cannot be built.
+_POSITIVE_OVERRIDES = ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "ffn_hidden_size",
+                       "ffn_multiple_of", "max_position_embeddings")
+
+
+def _check_override(key: str, value: Any, default: Any) -> Any:
+    """``model.overrides.<key>`` checked like a recipe key: the type of NormGPTConfig's default (or
+    of :data:`_DERIVED_OVERRIDE_TYPES` where that default is None), and positive for shapes."""
+    dotted = f"model.overrides.{key}"
+    annotation = _DERIVED_OVERRIDE_TYPES.get(key, Any if default is None else type(default))
+    value = _check_type(value, annotation, dotted)
+    _require(key not in _POSITIVE_OVERRIDES or value is None or value >= 1, dotted, f"must be at least 1, got {value}")
+    return value
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Value ranges and combinations that cannot run (each error names its key)."""
     o, s, t = cfg.optimizer, cfg.schedule, cfg.train
@@ -313,17 +355,29 @@ def validate(cfg: RunConfig) -> RunConfig:
              f"must be positive (or 0: no norm guidance), got {cfg.scaling.target_output_norm}")
     _require(t.tokens > 0, "train.tokens", "the token budget must be positive")
     _require(t.micro_batch >= 1, "train.micro_batch", "must be at least 1")
+    _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps",
+             f"must be at least 1 (or null: the whole budget), got {t.max_steps}")
     _require(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")
+    _require(cfg.eval.sample_tokens >= 0, "eval.sample_tokens", f"must be 0 (no sample) or positive, got {cfg.eval.sample_tokens}")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "keep at least one checkpoint")
+    _require(t.max_loss is None or t.max_loss > 0, "train.max_loss", f"must be positive or null (1.5·ln(vocab) + 1), got {t.max_loss}")
+    _require(t.rise_window >= 0, "train.rise_window", f"must be 0 (off) or a number of steps, got {t.rise_window}")
+    _require(t.max_rise > 0, "train.max_rise", f"must be positive, got {t.max_rise}")
     _require(cfg.logging.interval >= 1 and cfg.logging.norms_interval >= 1, "logging.interval", "intervals are >= 1")
     _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
              f"{cfg.logging.wandb_mode!r} is not one of ['offline', 'online', 'disabled']")
     from models.norm_gpt.configuration_norm_gpt import PRESETS, NormGPTConfig
 
     _require(cfg.model.preset in PRESETS, "model.preset", f"{cfg.model.preset!r} is not one of {sorted(PRESETS)}")
-    accepted = set(NormGPTConfig().to_dict())
-    for key in cfg.model.overrides:
+    accepted = NormGPTConfig().to_dict()
+    for key, value in cfg.model.overrides.items():
         _require(key in accepted, f"model.overrides.{key}", "is not a NormGPTConfig field")
+        cfg.model.overrides[key] = _check_override(key, value, accepted[key])
+    try:
+        NormGPTConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"model.overrides: the preset {cfg.model.preset!r} with {cfg.model.overrides} "
+                          f"is not a valid NormGPT: {err}") from None
     positions = {**PRESETS[cfg.model.preset], **cfg.model.overrides}.get("max_position_embeddings")
     _require(positions is None or cfg.data.seq_len <= positions, "data.seq_len",
              f"{cfg.data.seq_len} exceeds the model's max_position_embeddings ({positions})")

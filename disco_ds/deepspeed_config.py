@@ -16,14 +16,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_deepspeed_config", "gradient_dtype_keys", "resolve_auto", "AUTO", "GRAD_DTYPES"]
+__all__ = ["check_deepspeed_config", "gradient_dtype_keys", "lookup", "resolve_auto", "AUTO", "GRAD_DTYPES"]
 
 AUTO = "auto"
 GRAD_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 """torch dtype name -> DeepSpeed's name, for ``data_types.grad_accum_dtype`` and ``communication_data_type``."""
 
 
-def _get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+def lookup(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    """``config["a"]["b"]`` for ``dotted = "a.b"``, or ``default`` where a level is missing."""
     node: Any = config
     for key in dotted.split("."):
         if not isinstance(node, Mapping) or key not in node:
@@ -47,24 +48,24 @@ def check_deepspeed_config(config: Mapping[str, Any]) -> None:
       accelerate silently swaps in DeepSpeedCPUAdam.
     """
     if "optimizer" in config:
-        kind = _get(config, "optimizer.type", "?")
+        kind = lookup(config, "optimizer.type", "?")
         raise ValueError(
             f"DeepSpeed config has an 'optimizer' section (type={kind!r}): DeepSpeed would build that optimizer "
             "instead of Scion. Remove the 'optimizer' key and pass disco_ds.Scion(...) as the optimizer."
         )
-    stage = int(_get(config, "zero_optimization.stage", 0) or 0)
-    if _get(config, "zero_optimization.round_robin_gradients", False):
+    stage = int(lookup(config, "zero_optimization.stage", 0) or 0)
+    if lookup(config, "zero_optimization.round_robin_gradients", False):
         raise ValueError(
             "zero_optimization.round_robin_gradients=true is not supported with Scion: DeepSpeed's per-parameter "
             "fragment addresses do not match the reordered flat gradients. Set it to false."
         )
-    if stage > 0 and not _get(config, "zero_allow_untested_optimizer", False):
+    if stage > 0 and not lookup(config, "zero_allow_untested_optimizer", False):
         raise ValueError(
             f"ZeRO stage {stage} with a client optimizer needs zero_allow_untested_optimizer=true in the DeepSpeed "
             "config (Scion is not on DeepSpeed's list of tested optimizers)."
         )
-    offload = _get(config, "zero_optimization.offload_optimizer.device", "none")
-    if offload not in (None, "none") and _get(config, "zero_force_ds_cpu_optimizer", True) is not False:
+    offload = lookup(config, "zero_optimization.offload_optimizer.device", "none")
+    if offload not in (None, "none") and lookup(config, "zero_force_ds_cpu_optimizer", True) is not False:
         raise ValueError(
             f"zero_optimization.offload_optimizer.device={offload!r} needs zero_force_ds_cpu_optimizer=false: "
             "otherwise DeepSpeed refuses Scion, and accelerate silently replaces it with DeepSpeedCPUAdam."

@@ -28,13 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    # trust_remote_code: transformers 5 reads config.json (NormGPT's code) before the tokenizer's files.
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
     print(f"loaded {type(model).__name__} from {args.model_dir}: {sum(p.numel() for p in model.parameters()):,} parameters")
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.8, top_k=40,
-                             pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        # The export's generation_config.json stops at end of text and suppresses the padded ids.
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.8, top_k=40)
     print("sample:\n" + tokenizer.decode(out[0], skip_special_tokens=True))
 
 

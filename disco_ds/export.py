@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ExportError", "export_checkpoint", "load_fp32_state_dict", "clean_state_dict", "add_arguments", "main"]
+__all__ = ["ExportError", "export_checkpoint", "training_dtype", "load_fp32_state_dict", "clean_state_dict", "add_arguments", "main"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPLETE_MARKER = "COMPLETE"
@@ -259,6 +259,43 @@ def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
+def training_dtype(checkpoint: Path) -> str:
+    """The precision the checkpoint's run trained in (``train.bf16`` of its ``config.yaml``):
+    ``"bfloat16"`` or ``"float32"``; ``"float32"`` when the file does not say."""
+    import yaml
+
+    try:
+        resolved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "float32"
+    train = resolved.get("train") if isinstance(resolved, dict) else None
+    return "bfloat16" if isinstance(train, dict) and train.get("bf16") is True else "float32"
+
+
+def _generation_ids(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path) -> None:
+    """Make generation stop at the tokenizer's end of text and never emit an id it cannot decode.
+
+    ``eos_token_id`` and ``pad_token_id`` (the tokenizer's pad token, else its end of text, which
+    then also becomes the exported tokenizer's pad token) go into ``config.json`` and
+    ``generation_config.json``; the embedding rows beyond the tokenizer's vocabulary (the model's
+    vocabulary is padded to a multiple of 64) go into ``suppress_tokens``, which ``generate``
+    applies with plain ``transformers`` whatever the model's code."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # no config.json there: no remote code involved
+    if tokenizer.eos_token_id is None:
+        warnings.warn(f"{tokenizer_dir}: the tokenizer has no eos_token; generation will not stop at end of text", stacklevel=3)
+        return
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.save_pretrained(out_dir)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = eos, pad
+    padded = range(len(tokenizer), model.config.vocab_size)
+    model.generation_config.suppress_tokens = list(padded) or None
+
+
 def _training_step(checkpoint: Path) -> int | None:
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -276,7 +313,7 @@ def _model_card(model: torch.nn.Module, checkpoint: Path, dtype: str, has_tokeni
     step = _training_step(checkpoint)
     trained = f" after {step:,} optimizer steps" if step is not None else ""
     load_tokenizer = (
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n' if has_tokenizer else "# no tokenizer was saved with this checkpoint\n"
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", trust_remote_code=True)\n' if has_tokenizer else "# no tokenizer was saved with this checkpoint\n"
     )
     return f"""---
 library_name: transformers
@@ -301,7 +338,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)
 {load_tokenizer}```
 
-`trust_remote_code=True` runs the two Python files in this folder: read them first.
+`trust_remote_code=True` runs the two Python files in this folder: read them first. The tokenizer
+is a plain `PreTrainedTokenizerFast`; transformers 5 reads `config.json` before it and would
+otherwise ask whether to run the model's code. `generate` stops at the tokenizer's end of text
+(`eos_token_id`) and never emits the padding rows of the embedding (`suppress_tokens` in
+`generation_config.json`).
 """
 
 
@@ -309,7 +350,7 @@ def export_checkpoint(
     checkpoint: Path,
     out_dir: Path,
     *,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     max_shard_size: str = "2GB",
     overwrite: bool = False,
 ) -> Path:
@@ -319,7 +360,8 @@ def export_checkpoint(
         checkpoint: the checkpoint directory (``.../checkpoints/step_00000100``), or a run
             directory, meaning its newest complete checkpoint.
         out_dir: the folder to write; must be empty or absent unless ``overwrite``.
-        dtype: ``"bfloat16"``, ``"float32"`` or ``"float16"`` for the saved weights.
+        dtype: ``"bfloat16"``, ``"float32"`` or ``"float16"`` for the saved weights; None: the
+            run's training precision (:func:`training_dtype`).
         max_shard_size: largest safetensors shard, e.g. ``"2GB"`` (an index file lists the shards).
         overwrite: write into a non-empty ``out_dir``, replacing a previous export's files.
 
@@ -335,6 +377,7 @@ def export_checkpoint(
         if newest is None:
             raise ExportError(f"run directory {checkpoint} has no complete checkpoint under {checkpoint / 'checkpoints'}")
         checkpoint = newest
+    dtype = dtype or training_dtype(checkpoint)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -347,10 +390,12 @@ def export_checkpoint(
     del state
     model.to(DTYPES[dtype])
     out_dir.mkdir(parents=True, exist_ok=True)
-    # transformers 5 always writes safetensors (and ignores safe_serialization); 4.x needs the flag.
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer_dir = checkpoint / "tokenizer"
     has_tokenizer = tokenizer_dir.is_dir() and bool(_copy_tokenizer(tokenizer_dir, out_dir))
+    if has_tokenizer:
+        _generation_ids(model, tokenizer_dir, out_dir)
+    # transformers 5 always writes safetensors (and ignores safe_serialization); 4.x needs the flag.
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     (out_dir / "README.md").write_text(_model_card(model, checkpoint, dtype, has_tokenizer), encoding="utf-8")
     return out_dir
 
@@ -362,7 +407,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``disco_ds export``."""
     parser.add_argument("checkpoint", type=Path, help="checkpoint directory, e.g. runs/tiny/checkpoints/step_00000100")
     parser.add_argument("out_dir", type=Path, help="Hugging Face model folder to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the saved weights (default bfloat16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="dtype of the saved weights (default: the run's training precision, train.bf16)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
 
@@ -376,7 +422,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"disco_ds export: error: {exc}", file=sys.stderr)
         return 1
     files = ", ".join(sorted(p.name for p in out.iterdir()))
-    print(f"exported {args.checkpoint} -> {out} ({args.dtype}): {files}")
+    print(f"exported {args.checkpoint} -> {out} ({args.dtype or 'training precision'}): {files}")
     print(f'load with AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)')
     return 0
 

@@ -14,30 +14,39 @@ One :class:`MetricsLogger` per run directory:
 
       step 120/600 | loss 2.314 | lr 1.2e-02 | 45.1k tok/s | MFU 31.2% | mem 3.1 GiB | ‖W_out‖ 27.3 | eta 4m12s
 
+* Every row also carries ``time`` (Unix wall time) and ``elapsed`` (seconds since the run started,
+  in this process: a resumed run counts from its own start).
 * :meth:`MetricsLogger.close` draws ``run_dir/curves.png``: loss (train and validation) against step
   and, when logged, the RMS→∞ norm of the output layer (``norm/output/weight``, SPEC 4).
 
 On ranks other than 0 pass ``enabled=False``: every method is then a no-op.
+
+:class:`RunLog` keeps rank 0's console (configuration, plan, resume, warnings, DeepSpeed's log
+lines, errors with their tracebacks) in ``run_dir/train.log``, appended to by every launch.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import json
+import logging
 import math
 import os
 import secrets
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["flops_per_token", "memory_gib", "MetricsLogger", "METRICS_FILE", "CURVES_FILE"]
+__all__ = ["flops_per_token", "memory_gib", "MetricsLogger", "RunLog", "METRICS_FILE", "CURVES_FILE", "RUN_LOG"]
 
 METRICS_FILE = "metrics.jsonl"
+RUN_LOG = "train.log"
 CURVES_FILE = "curves.png"
 WANDB_ID_FILE = "wandb_id"
 OUTPUT_NORM = "norm/output/weight"
@@ -129,6 +138,7 @@ class MetricsLogger:
         resume_step: the step of the checkpoint the run resumes from (0 for a fresh run). Lines of
             ``metrics.jsonl`` with a larger step (written after that checkpoint by a crashed run)
             are dropped; a fresh run starts the file anew.
+        started: Unix time the run started (``elapsed`` counts from it); default: now.
     """
 
     def __init__(
@@ -140,8 +150,10 @@ class MetricsLogger:
         enabled: bool = True,
         wandb: dict[str, Any] | None = None,
         resume_step: int = 0,
+        started: float | None = None,
     ) -> None:
         self.enabled = enabled
+        self.started = time.time() if started is None else started
         if not enabled:
             return
         self.run_dir = Path(run_dir)
@@ -191,7 +203,7 @@ class MetricsLogger:
         metrics = {(k if k.startswith("val/") else f"val/{k}"): _as_number(v) for k, v in metrics.items()}
         self._write(step, metrics)
         parts = [f"eval step {step}/{self.total_steps}"]
-        parts += [f"{k} {v:#.4g}" if _real(v) is not None else f"{k} {v}" for k, v in metrics.items()]
+        parts += [f"{k} {v:#.4g}" if _real(v) is not None else f"{k} {v!r}" for k, v in metrics.items()]
         line = " | ".join(parts)
         if self._bar is not None:
             self._bar.write(line)
@@ -242,7 +254,9 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def _write(self, step: int, metrics: dict[str, Any]) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        now = time.time()
+        self._file.write(json.dumps({"step": step, **metrics, "time": round(now, 3),
+                                     "elapsed": round(now - self.started, 3)}) + "\n")
         self._file.flush()
         if self._wandb_cfg is not None:
             run = self._wandb_run or self._init_wandb()
@@ -310,6 +324,75 @@ class MetricsLogger:
     def _postfix(self, metrics: dict[str, Any]) -> str:
         keep = [f for f in self._fields(metrics) if f.startswith(("loss", "lr")) or f.endswith("tok/s")]
         return ", ".join(keep + [f"eta {_duration(self.eta_seconds(self._last_step))}"])
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to ``stream`` and to ``log``, except progress-bar redraws (text
+    with a carriage return), which would fill the log with copies of one line."""
+
+    def __init__(self, stream: Any, log: io.TextIOBase) -> None:
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if "\r" not in text:
+            self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+class RunLog:
+    """``with RunLog(run_dir / "train.log", enabled=rank == 0):`` copies what this process prints
+    (stdout, stderr, warnings, DeepSpeed's logger) into the file, and an exception leaving the block
+    with its traceback (a :class:`~disco_ds.config.ConfigError` as its one-line message). Appends,
+    so the launches of a resumed run follow each other, each under a dated header."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
+        self._file: Any = None
+        self._saved: tuple[Any, Any] = (None, None)
+        self._handler: logging.Handler | None = None
+
+    def __enter__(self) -> RunLog:
+        if not self.enabled:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8", buffering=1)
+        self._file.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S %z')} {' '.join(sys.argv)}\n")
+        self._saved = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self._file), _Tee(sys.stderr, self._file)
+        # DeepSpeed's logger holds the stream it was created with (before the tee): a handler of its own.
+        self._handler = logging.StreamHandler(self._file)
+        self._handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s"))
+        logging.getLogger("DeepSpeed").addHandler(self._handler)
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        if not self.enabled or self._file is None:
+            return
+        from disco_ds.config import ConfigError
+
+        sys.stdout, sys.stderr = self._saved
+        logging.getLogger("DeepSpeed").removeHandler(self._handler)
+        if isinstance(error, ConfigError):
+            self._file.write(f"configuration error: {error}\n")
+        elif error is not None and not isinstance(error, SystemExit):
+            self._file.write("".join(traceback.format_exception(kind, error, tb)))
+        self._file.close()
+        self._file = None
 
 
 def _read_history(path: Path) -> list[dict[str, Any]]:

@@ -617,6 +617,9 @@ class _ShardWriter:
         self.tokens = 0
         self.documents = 0
         self.files: list[str] = []
+        self.max_ids: dict[str, int] = {}
+        """Largest token id per shard: ``meta.json`` keeps them so the trainer checks the
+        vocabulary without reading the shards (:mod:`disco_ds.preflight`)."""
 
     def add_document(self, tokens: np.ndarray, eot: np.ndarray) -> None:
         for arr in (tokens, eot):
@@ -634,6 +637,7 @@ class _ShardWriter:
         name = f"{self.split}_{len(self.files):06d}.bin"
         write_shard(self.out_dir / name, tokens, dtype=self.dtype)
         self.files.append(name)
+        self.max_ids[name] = int(tokens.max()) if tokens.size else -1
 
     def close(self) -> None:
         if self.buffered:
@@ -842,6 +846,7 @@ def prepare(
         "tokens": {s: int(w.tokens) for s, w in writers.items()},
         "documents": {s: int(w.documents) for s, w in writers.items()},
         "shards": {s: list(w.files) for s, w in writers.items()},
+        "max_token_id": {name: top for w in writers.values() for name, top in w.max_ids.items()},
         "bytes": int(bytes_read),
         "sources": [str(p) for p in inputs],
         "num_files": len(sources),

@@ -5,6 +5,9 @@ When to use it:
 * **resume at a different world size or ZeRO stage**: :func:`save_portable` from the running job,
   :func:`load_portable` into a freshly initialised engine with any number of data-parallel ranks
   and any ZeRO stage (0, 1, 2, 3);
+* **in ``disco_ds train``**: nothing to call. Every checkpoint holds a portable file
+  (``checkpoint.portable``), and a resume at another world size or ZeRO stage loads it when
+  ``checkpoint.allow_change=true`` (:mod:`disco_ds.resume`);
 * **same world size (and stage)**: use ``engine.save_checkpoint`` / ``engine.load_checkpoint``.
   They are bit-identical, keep DeepSpeed's own bookkeeping (loss scaler, data sampler, client
   state) and do not gather full tensors on rank 0.

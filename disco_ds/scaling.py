@@ -14,9 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from disco_ds.config import RunConfig
+from disco_ds.config import ConfigError, RunConfig
 
-__all__ = ["Plan", "plan_run", "optimal_batch_tokens", "optimal_lr", "format_plan"]
+__all__ = ["Plan", "plan_run", "data_parallel_size", "optimal_batch_tokens", "optimal_lr", "format_plan", "batch_warning"]
+
+BATCH_TOLERANCE = 2.0
+"""A batch within [B*/2, 2·B*] is close enough to B* not to be flagged."""
 
 
 def optimal_batch_tokens(tokens: float, cfg: RunConfig) -> float:
@@ -51,6 +54,20 @@ class Plan:
     run_steps: int
     """Steps this run executes (``train.max_steps`` can stop earlier)."""
     tokens: float
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    """Model replicas among ``world_size`` launched ranks: ``world_size / train.tp_size`` (every
+    tensor-parallel group reads the same micro-batches). The one rule ``train`` and ``recipe`` share.
+
+    Raises:
+        ConfigError: ``train.tp_size`` does not divide ``world_size``.
+    """
+    tp = cfg.train.tp_size
+    if world_size < 1 or world_size % tp:
+        raise ConfigError(f"train.tp_size={tp} does not divide the {world_size} launched ranks; "
+                          f"accepted: a divisor of {world_size}, or launch a multiple of {tp} ranks")
+    return world_size // tp
 
 
 def plan_run(cfg: RunConfig, world_size: int) -> Plan:
@@ -88,4 +105,33 @@ def format_plan(cfg: RunConfig, plan: Plan) -> str:
         f"schedule    WSD: warmup {cfg.schedule.warmup:.0%}, decay {cfg.schedule.decay:.0%} ({cfg.schedule.decay_shape}) to "
         f"{cfg.schedule.min_lr_ratio:g}·η; optimizer {cfg.optimizer.name}, momentum {cfg.optimizer.momentum:g}",
     ]
+    tp = cfg.train.tp_size
+    if tp > 1:
+        lines.insert(4, f"parallel    {plan.world_size * tp} ranks = {plan.world_size} data-parallel replicas × tensor parallel {tp}")
+    warning = batch_warning(cfg, plan)
+    if warning:
+        lines.append(f"warning     {warning}")
     return "\n".join(lines)
+
+
+def batch_warning(cfg: RunConfig, plan: Plan) -> str | None:
+    """Why the batch actually used is far from B*(D) (outside ½–2×) and what that does to η; None
+    when it is close, or when the recipe forces the batch (then the distance is deliberate)."""
+    if cfg.train.global_batch_tokens is not None:
+        return None
+    ratio = plan.batch_tokens / plan.batch_tokens_optimal
+    if 1 / BATCH_TOLERANCE <= ratio <= BATCH_TOLERANCE:
+        return None
+    lr_at_optimum = optimal_lr(plan.batch_tokens_optimal, plan.tokens, cfg)
+    if ratio > 1:
+        cause = (f"the smallest step on {plan.world_size} data-parallel ranks is {plan.world_size} × {plan.micro_batch} seq × "
+                 f"{plan.seq_len} tokens = {plan.world_size * plan.micro_batch * plan.seq_len:,}")
+        fix = "fewer ranks or a smaller train.micro_batch bring it closer"
+    else:
+        cause = f"{plan.accumulation} accumulation steps round it down"
+        fix = "a larger train.micro_batch or more ranks bring it closer"
+    lr_note = ("η follows the batch used" if cfg.optimizer.lr is None
+               else "η is forced by optimizer.lr and does not follow the batch")
+    return (f"B = {plan.batch_tokens:,} tokens is {ratio:.3g}× B* = {plan.batch_tokens_optimal:,.0f}: {cause}. "
+            f"{lr_note} (η = {plan.lr:.4g}, {plan.lr / lr_at_optimum:.3g}× η* at B* = {lr_at_optimum:.4g}) and "
+            f"only {plan.steps:,} steps fit the budget; the rules were measured near B*, so expect a worse loss; {fix}")

@@ -8,6 +8,7 @@ follows the WSD schedule times its role's peak; the SPEC 4 norms come from insid
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -15,6 +16,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import deepspeed
@@ -25,21 +27,25 @@ import torch.nn.functional as F
 import yaml
 from deepspeed.accelerator import get_accelerator
 
-from disco_ds.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from disco_ds.config import RunConfig, to_dict
-from disco_ds.data import TokenStream, document_positions, eval_batches, list_shards
-from disco_ds.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, resolve_auto
+from disco_ds.checkpoint import PORTABLE, load_checkpoint, save_checkpoint, select_checkpoint
+from disco_ds.config import ConfigError, RunConfig, to_dict
+from disco_ds.data import TokenStream, document_positions, eval_batches
+from disco_ds.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, lookup, resolve_auto
+from disco_ds.evaluation import eval_sample, readable_metrics
 from disco_ds.guidance import NormGuide, reachable_norm
-from disco_ds.metrics import OUTPUT_NORM, MetricsLogger, flops_per_token, memory_gib
+from disco_ds.metrics import OUTPUT_NORM, RUN_LOG, MetricsLogger, RunLog, flops_per_token, memory_gib
 from disco_ds.optim import Scion
 from disco_ds.param_groups import classify_parameters, scion_param_groups
+from disco_ds.reshard import load_portable, save_portable
+from disco_ds.resume import plan_resume, run_record
 from disco_ds.tensor_parallel import autotp_config
-from disco_ds.scaling import Plan, format_plan, plan_run
+from disco_ds.preflight import DataCheck, check_data, check_resume, check_sampling, check_vocabulary, check_windows
+from disco_ds.scaling import Plan, data_parallel_size, format_plan, plan_run
 from disco_ds.schedule import wsd_factor
 from models.norm_gpt.configuration_norm_gpt import NormGPTConfig
 from models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
 
-__all__ = ["train", "NonFiniteLoss", "deepspeed_config", "engine_config", "build_model_config", "build_model",
+__all__ = ["train", "Diverged", "NonFiniteLoss", "default_max_loss", "deepspeed_config", "engine_config", "build_model_config", "build_model",
            "build_engine", "communication_device"]
 
 # Keys of the DeepSpeed config that the recipe owns, with the recipe keys that set them: a user JSON
@@ -57,8 +63,24 @@ OWNED_KEYS = {
 _MISSING = object()
 
 
-class NonFiniteLoss(RuntimeError):
+class Diverged(RuntimeError):
+    """The loss exceeded ``train.max_loss``, rose by more than ``train.max_rise`` over
+    ``train.rise_window`` steps, or became NaN/Inf (:class:`NonFiniteLoss`); the run stopped before
+    saving anything from that step."""
+
+
+class NonFiniteLoss(Diverged):
     """The loss became NaN or infinite; the run stopped before saving anything from that step."""
+
+
+def default_max_loss(vocab_size: int) -> float:
+    """``train.max_loss`` when the recipe leaves it null: 1.5·ln(V) + 1 (see :class:`~disco_ds.config.TrainConfig`)."""
+    return 1.5 * math.log(vocab_size) + 1.0
+
+
+def _rank0_print(rank: int) -> Callable[[str], None]:
+    """``print`` on rank 0 (flushed: the launcher interleaves the ranks' output), nothing elsewhere."""
+    return (lambda message: print(message, flush=True)) if rank == 0 else (lambda _message: None)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -66,15 +88,6 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     for key, value in override.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-def _lookup(config: dict[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return _MISSING
-        node = node[key]
-    return node
 
 
 def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
@@ -111,7 +124,7 @@ def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
             raise FileNotFoundError(f"train.deepspeed: {path} does not exist")
         user = resolve_auto(json.loads(path.read_text()), config)
         for key, owner in OWNED_KEYS.items():
-            theirs, ours = _lookup(user, key), _lookup(config, key)
+            theirs, ours = lookup(user, key, _MISSING), lookup(config, key, _MISSING)
             if theirs is not _MISSING and theirs != ours:
                 raise ValueError(f"{path}: {key}={theirs!r} contradicts the recipe's plan ({ours!r}); "
                                  f"set {owner} in the recipe instead (or \"auto\" in the JSON)")
@@ -207,14 +220,18 @@ def build_model(cfg: RunConfig, model_config: NormGPTConfig, ds_config: dict[str
 
 
 def build_engine(cfg: RunConfig, model_config: NormGPTConfig, plan: Plan, ds_config: dict[str, Any],
-                 device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
+                 device: torch.device, phase_done: Callable[[str], None] | None = None) -> tuple[Any, torch.optim.Optimizer]:
     """``(engine, optimizer)``: the DeepSpeed engine around :func:`build_model`'s model and our
-    optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it)."""
+    optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it). ``phase_done`` is called
+    with the name of each finished phase (model built, engine ready)."""
+    phase_done = phase_done or (lambda _phase: None)
     model = build_model(cfg, model_config, ds_config, device)
+    phase_done("model built")
     # DeepSpeed gets a factory it calls once the model is final: AutoTP replaces the weights by
     # their shards inside deepspeed.initialize, and the optimizer must hold what is stepped.
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            optimizer=lambda _params: _build_optimizer(cfg, model, plan))
+    phase_done("engine ready")
     return engine, engine.basic_optimizer
 
 
@@ -291,6 +308,41 @@ def _norm_guide(cfg: RunConfig, plan: Plan, model_config: NormGPTConfig, rank: i
     return NormGuide(target, plan.steps), left
 
 
+class _DivergenceWatch:
+    """Whether a training loss says the run diverged: NaN/Inf, above ``train.max_loss``, or, when
+    ``train.rise_window`` is set, a mean over that many steps more than ``train.max_rise`` above
+    the lowest such mean so far. It sees each step's loss once, at the log points (no extra read
+    from the device); the rising rule starts afresh when a run resumes."""
+
+    def __init__(self, cfg: RunConfig, vocab_size: int) -> None:
+        t = cfg.train
+        self.vocab_size = vocab_size
+        self.max_loss = t.max_loss if t.max_loss is not None else default_max_loss(vocab_size)
+        self.window, self.max_rise = t.rise_window, t.max_rise
+        self.recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=max(t.rise_window, 5))
+        self.lowest_mean = math.inf
+
+    def check(self, step: int, loss: float) -> str | None:
+        """None while the run is healthy, else why it diverged, naming the step and the values."""
+        self.recent.append((step, loss))
+        if not math.isfinite(loss):
+            return f"loss is {loss} at step {step}"
+        recent = ", ".join(f"step {s}: {v:.4g}" for s, v in list(self.recent)[-5:])
+        if loss > self.max_loss:
+            return (f"loss {loss:.4g} at step {step}: above train.max_loss = {self.max_loss:.4g} (a uniform prediction "
+                    f"over the {self.vocab_size} tokens scores {math.log(self.vocab_size):.3g}; recent losses: {recent}), "
+                    "the run diverged")
+        if self.window and len(self.recent) >= self.window:
+            mean = sum(v for _, v in list(self.recent)[-self.window:]) / self.window
+            if mean > self.lowest_mean + self.max_rise:
+                return (f"loss at step {step}: the mean over the last {self.window} steps, {mean:.4g}, is "
+                        f"{mean - self.lowest_mean:.3g} above the lowest {self.window}-step mean so far "
+                        f"({self.lowest_mean:.4g}), more than train.max_rise = {self.max_rise:g} (recent losses: {recent}), "
+                        "the run diverged")
+            self.lowest_mean = min(self.lowest_mean, mean)
+        return None
+
+
 class _PendingSteps:
     """Optimizer steps whose loss is still on the device, read back together at the next log point.
 
@@ -325,35 +377,92 @@ class _PendingSteps:
         return out, seconds_per_step
 
 
+def _validate(cfg: RunConfig, world: int) -> tuple[DataCheck, NormGPTConfig, Plan, dict[str, Any]]:
+    """Everything that can be checked without the process group, on every rank before it starts:
+    the resume value, the data (headers, sizes, vocabulary, windows), the model config, the plan
+    and the engine config. Each failure is a :class:`ConfigError` naming the key and the file."""
+    check_resume(cfg)
+    dp_world = data_parallel_size(cfg, world)
+    data = check_data(cfg)
+    try:
+        model_config = build_model_config(cfg, data.meta)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    check_vocabulary(data, model_config.vocab_size)
+    check_windows(cfg, data, dp_world)
+    check_sampling(cfg)
+    plan = plan_run(cfg, dp_world)
+    try:
+        ds_config = engine_config(cfg, plan, model_config)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err) if str(err).startswith("train.deepspeed") else f"train.deepspeed: {err}") from None
+    return data, model_config, plan, ds_config
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) the configured pretraining; returns the final step, losses and checkpoint.
 
+    Rank 0's console is also written to ``RUN_DIR/train.log`` (:class:`~disco_ds.metrics.RunLog`),
+    errors with their tracebacks included.
+
     Raises:
-        NonFiniteLoss: the loss became NaN/Inf; the newest checkpoint is the last good one.
-        FileNotFoundError / ShardError: missing data, naming the file.
+        ConfigError: the configuration or the data cannot run (found before the process group starts).
+        Diverged: the loss exceeded ``train.max_loss``, kept rising (``train.rise_window``) or
+            became NaN/Inf (:class:`NonFiniteLoss`); the newest checkpoint is the last good one.
+        CheckpointError: no checkpoint to resume from verifies, the resume would change the run
+            (and ``checkpoint.allow_change`` is false), or a save failed (naming the file).
     """
+    started = time.time()
     if not dist.is_initialized():
         _single_process_defaults()
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    with RunLog(cfg.run_path / RUN_LOG, enabled=rank == 0):
+        return _train(cfg, started)
+
+
+class _Startup:
+    """Prints on rank 0 how long each startup phase took, as it ends: the minute before step 1
+    (process group, model, engine, first step) is otherwise silent."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.since = rank, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self.rank == 0:
+            print(f"startup     {phase} in {now - self.since:.1f}s", flush=True)
+        self.since = now
+
+
+def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
+    """:func:`train` inside its run log; ``started``: the wall time the run began."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    startup = _Startup(rank)
+    data, model_config, plan, ds_config = _validate(cfg, world)
+    startup("configuration and data checked")
+    if not dist.is_initialized():
         deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    tp = cfg.train.tp_size
-    if world % tp:
-        raise ValueError(f"train.tp_size={tp} does not divide the {world} launched ranks")
+    startup("process group ready")
     # Data parallelism runs over model replicas: every TP group reads the same micro-batches.
-    dp_world = world // tp
+    dp_world = plan.world_size
     device = communication_device()
+    # The checkpoint is chosen (every rank verifies a share of its files) and its run compared with
+    # this one before the engine starts: the plan kept from it sets the engine's batch.
+    resume = None
+    resume_from = select_checkpoint(cfg.checkpoint.resume, cfg.run_path, _rank0_print(rank))
+    if resume_from is not None:
+        resume = plan_resume(cfg, dp_world, resume_from, json.loads((resume_from / "trainer_state.json").read_text()))
+        for change in resume.changes:
+            _rank0_print(rank)(f"resume      change allowed by checkpoint.allow_change: {change}")
+        if resume.plan != plan:
+            plan = resume.plan
+            ds_config = engine_config(cfg, plan, model_config)
 
     data_dir = Path(cfg.data.path)
-    if not (data_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"data.path: {data_dir / 'meta.json'} does not exist; write shards with "
-                                f"`python -m disco_ds prepare --input ... --out {data_dir}`")
-    meta = json.loads((data_dir / "meta.json").read_text())
+    meta = data.meta
     eot_id = int(meta["eot_id"]) if cfg.data.document_mask else None
-    train_files = list_shards(str(data_dir / "train_*.bin"))
-    val_files = list_shards(str(data_dir / "val_*.bin"))
-    model_config = build_model_config(cfg, meta)
-    plan = plan_run(cfg, dp_world)
-    ds_config = engine_config(cfg, plan, model_config)
+    train_files, val_files = data.train_files, data.val_files
     run_dir = cfg.run_path
     resolved = to_dict(cfg)
     if rank == 0:
@@ -363,23 +472,26 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         print(format_plan(cfg, plan), flush=True)
         print(f"model       {model_config.describe()}", flush=True)
 
-    engine, optimizer = build_engine(cfg, model_config, plan, ds_config, device)
+    engine, optimizer = build_engine(cfg, model_config, plan, ds_config, device, startup)
     peaks = [float(g["lr"]) for g in optimizer.param_groups]
 
     dp_rank, _ = _data_parallel_rank_and_size(cfg)
     stream = TokenStream(train_files, cfg.data.seq_len, cfg.train.micro_batch, dp_rank, dp_world, seed=cfg.data.seed)
     step, tokens = 0, 0
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = latest_checkpoint(run_dir)
-    elif cfg.checkpoint.resume != "none":
-        resume_from = Path(cfg.checkpoint.resume)
-    if resume_from is not None:
-        state = load_checkpoint(engine, resume_from)
+    if resume is not None:
+        # Loading puts the checkpoint's hyperparameters into the optimizer's groups; this run's own
+        # (the same, or changed under checkpoint.allow_change and logged above) go back on top.
+        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        state = load_checkpoint(engine, resume.path, engine_state=not resume.relayout)
+        if resume.relayout:
+            load_portable(engine, optimizer, resume.path / PORTABLE)
+        for group, own in zip(optimizer.param_groups, hyperparameters):
+            group.update(own)
         step, tokens = int(state["step"]), int(state["tokens"])
         stream.load_state_dict(state["data"])
         if rank == 0:
-            print(f"resumed     {resume_from} (step {step}, {tokens:,} tokens)", flush=True)
+            source = f" through its {PORTABLE} (another world size or ZeRO stage)" if resume.relayout else ""
+            print(f"resumed     {resume.path} (step {step}, {tokens:,} tokens){source}", flush=True)
 
     counts = model_config.parameter_counts()
     flops = flops_per_token(counts["non_embedding"] + counts["head"], model_config.n_layer, model_config.d_model, cfg.data.seq_len)
@@ -389,7 +501,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         wandb = {"project": cfg.logging.wandb_project, "name": cfg.train.name, "mode": cfg.logging.wandb_mode,
                  "dir": str(run_dir), "config": resolved}
     logger = MetricsLogger(run_dir, plan.run_steps, log_interval=cfg.logging.interval, enabled=rank == 0,
-                           wandb=wandb, resume_step=step)
+                           wandb=wandb, resume_step=step, started=started)
     tokenizer_dir = data_dir / "tokenizer"
     scion = isinstance(optimizer, Scion)
     guide, output_lr_left = _norm_guide(cfg, plan, model_config, rank) if scion else (None, None)
@@ -397,26 +509,33 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     loss_value = val_loss = float("nan")
     pending = _PendingSteps()
 
+    # The portable file lets a resume change the world size or ZeRO stage (Scion, no TP only).
+    portable = cfg.checkpoint.portable and scion and cfg.train.tp_size == 1
+    watch = _DivergenceWatch(cfg, model_config.vocab_size)
+
     def checkpoint() -> Path:
         trainer_state = {"step": step, "tokens": tokens, "data": stream.state_dict(), "world_size": world,
-                         "batch_tokens": plan.batch_tokens, "loss": loss_value}
+                         "batch_tokens": plan.batch_tokens, "loss": loss_value, "run": run_record(cfg, plan)}
         return save_checkpoint(engine, run_dir, step, trainer_state, resolved, model_config,
-                               tokenizer_dir if tokenizer_dir.is_dir() else None, cfg.checkpoint.keep)
+                               tokenizer_dir if tokenizer_dir.is_dir() else None, cfg.checkpoint.keep,
+                               portable=(lambda path: save_portable(engine, optimizer, path)) if portable else None)
 
     def log_pending() -> None:
-        """Read the pending steps, stop at the first non-finite loss, log the others."""
+        """Read the pending steps, stop at the first diverged loss (:class:`_DivergenceWatch`; the
+        losses are averaged over ranks, so every rank stops at the same step), log the others."""
         nonlocal loss_value
         rows = []
         read, seconds_per_step = pending.read()
         tokens_per_s = plan.batch_tokens / seconds_per_step
         for row_step, loss, metrics in read:
-            if not math.isfinite(loss):
+            cause = watch.check(row_step, loss)
+            if cause is not None:
                 logger.log_steps(rows)
-                message = (f"loss is {loss} at step {row_step}: stopping. The newest checkpoint "
+                message = (f"{cause}: stopping. The newest checkpoint "
                            f"({last_checkpoint or 'none yet'}) is the last good one and was not touched.")
                 if rank == 0:
                     print(message, flush=True)
-                raise NonFiniteLoss(message)
+                raise (Diverged if math.isfinite(loss) else NonFiniteLoss)(message)
             loss_value = loss
             rows.append((row_step, {"loss": loss, **metrics, "tokens_per_s": tokens_per_s,
                                     "mfu": flops * tokens_per_s / peak_flops if peak_flops > 0 else 0.0}))
@@ -427,6 +546,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             rows[-1][1].update({"norm/output/projected": projection.final_norm, "norm/output/target": guide.target})
         logger.log_steps(rows)
 
+    first_step = True
     while step < plan.run_steps:
         factor = wsd_factor(step, plan.steps, cfg.schedule.warmup, cfg.schedule.decay, cfg.schedule.decay_shape,
                             cfg.schedule.min_lr_ratio)
@@ -443,6 +563,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             loss_sum += loss.detach()
         step += 1
         tokens += plan.batch_tokens
+        if first_step:
+            get_accelerator().synchronize()  # once: the first step's time, not the time to queue it
+            startup("first step done")
+            first_step = False
         metrics: dict[str, Any] = {"tokens": float(tokens), "memory_gib": memory_gib()}
         for group in optimizer.param_groups:
             metrics[f"lr/{group['role']}"] = float(group["lr"])
@@ -458,7 +582,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             log_pending()
         if evaluate:
             val_loss = _evaluate(engine, val_files, cfg, device, eot_id)
-            logger.log_eval(step, {"loss": val_loss})
+            shown: dict[str, Any] = readable_metrics(val_loss, meta)
+            if cfg.eval.sample_tokens:
+                shown["sample"] = eval_sample(engine, data_dir, meta, cfg.eval.sample_prompt, cfg.eval.sample_tokens,
+                                              cfg.data.seq_len, device)
+            logger.log_eval(step, shown)
             projection = guide.project(output_lr_left[step]) if guide is not None else None
             if projection is not None and rank == 0:
                 print(f"norm guide  {projection.message(plan.steps * plan.batch_tokens)}", flush=True)

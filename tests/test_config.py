@@ -87,6 +87,11 @@ def test_plan_follows_the_scaling_rules() -> None:
         ("optimizer.lr_ratios=[1, 0.5]", "optimizer.lr_ratios: needs three positive numbers"),
         ("optimizer.momentum=0", "optimizer.momentum: must be in (0, 1]"),
         ("train.tokens=lots", "train.tokens: expected a number"),
+        ("model.overrides={n_layer: three}", "model.overrides.n_layer: expected int, got 'three'"),
+        ("model.overrides={qkv_norm: 1}", "model.overrides.qkv_norm: expected bool"),
+        ("model.overrides={n_head: 0}", "model.overrides.n_head: must be at least 1"),
+        ("train.max_steps=-3", "train.max_steps: must be at least 1 (or null: the whole budget), got -3"),
+        ("eval.sample_tokens=-1", "eval.sample_tokens: must be 0 (no sample) or positive"),
     ],
 )
 def test_bad_configuration_names_the_key(override: str, needle: str) -> None:
@@ -224,3 +229,18 @@ def test_recipe_command_shows_the_papers_anchor_point_for_paper_proxy() -> None:
     assert "η* = 0.04419  (input 0.04419, hidden 0.04419, output 0.04419" in proc.stdout
     assert "16,384 optimizer steps" in proc.stdout
     assert "paper-proxy" in proc.stdout and "momentum 1" in proc.stdout
+
+
+def test_recipe_takes_overrides_after_options_and_warns_far_from_the_optimal_batch() -> None:
+    """Overrides may follow ``--world-size``; a world size that forces B outside ½–2× B* is flagged
+    with what it does to η; the preview includes the parameter counts and the memory estimate."""
+    out = subprocess.run([sys.executable, "-m", "disco_ds", "recipe", str(REPO / "recipes/gpt-1.3b.yaml"), "--world-size",
+                          "1000", "train.micro_batch=8"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    warning = next(line for line in out.stdout.splitlines() if line.startswith("warning"))
+    assert "× B* =" in warning and "η follows the batch used" in warning and "× η* at B*" in warning
+    for needle in ("parameters (", "memory      per GPU, ZeRO-", "activations at micro_batch 8 × 1024", "peak ≈"):
+        assert needle in out.stdout, needle
+    near = subprocess.run([sys.executable, "-m", "disco_ds", "recipe", str(REPO / "recipes/gpt-1.3b.yaml")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert near.returncode == 0 and "warning" not in near.stdout

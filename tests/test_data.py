@@ -447,6 +447,8 @@ def test_prepare_byte_end_to_end(tmp_path, text_corpus):
     assert meta["documents"] == {"train": len(train_docs), "val": len(val_docs)}
     assert meta["sources"] == [str(p) for p in inputs]
     assert meta["shards"]["train"] == [f"train_{i:06d}.bin" for i in range(len(sizes))]
+    # the largest id of every shard, so the trainer checks the vocabulary without reading shards
+    assert meta["max_token_id"] == {p.name: int(parse_shard(p)[1].max()) for p in sorted(out.glob("*.bin"))}
     # same seed, same split, byte for byte; the shards load as a training stream
     out2 = tmp_path / "out2"
     prep.prepare(inputs, out2, "byte", val_fraction=0.3, seed=4, shard_tokens=300, progress=False)

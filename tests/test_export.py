@@ -209,7 +209,8 @@ def test_cli(checkpoints, tmp_path, capsys):
     assert main(parser.parse_args([str(checkpoints / "stage0"), str(out)])) == 1  # not empty
     assert "not empty" in capsys.readouterr().err
     assert main(parser.parse_args([str(checkpoints / "stage0"), str(out), "--force"])) == 0
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    # Without --dtype: the run's precision; the worker's config.yaml does not set train.bf16.
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert main(parser.parse_args([str(tmp_path / "missing"), str(tmp_path / "out2")])) == 1
 
 
@@ -233,3 +234,62 @@ def test_tied_head_is_filled_from_the_embedding():
     weight = torch.randn(5, 3)
     assert set(_tie_aliases(Tied(), {"embed.weight": weight})) == {"embed.weight", "head.weight"}
     assert _tie_aliases(Tied(), {"head.weight": weight})["embed.weight"] is weight
+
+
+# Runs in a fresh interpreter outside the repository: plain transformers, disco_ds not importable.
+GENERATE = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+eos, calls = tokenizer.eos_token_id, []
+
+def steer(module, args, logits):
+    # The model would rather emit the last padded id every step, and emits end of text at the third.
+    calls.append(1)
+    logits = logits.clone()
+    logits[..., -1] = 1e4
+    if len(calls) == 3:
+        logits[..., eos] = 1e5
+    return logits
+
+model.lm_head.register_forward_hook(steer)
+prompt = tokenizer("hello scion", return_tensors="pt").input_ids
+out = model.generate(prompt, max_new_tokens=10, do_sample=False)
+print(json.dumps({"new": out[0, prompt.shape[1]:].tolist(), "eos": eos, "vocab": len(tokenizer),
+                  "pad": tokenizer.pad_token_id, "model_vocab": model.config.vocab_size}))
+"""
+
+
+def test_export_generates_until_end_of_text_in_the_training_precision(checkpoints, tmp_path):
+    """The default dtype is the run's (config.yaml's train.bf16); eos/pad come from the tokenizer
+    into config.json and generation_config.json; generation with plain transformers never emits a
+    padded id and stops at end of text."""
+    ckpt = copy_checkpoint(checkpoints, 2, tmp_path / "ckpt")
+    save_tokenizer(ckpt / "tokenizer")
+    export_checkpoint(ckpt, tmp_path / "fp32")  # the worker's config.yaml does not say bf16
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    (ckpt / "config.yaml").write_text("train:\n  bf16: true\n")
+    out = export_checkpoint(ckpt, tmp_path / "bf16")
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert config["eos_token_id"] == generation["eos_token_id"] == 1  # "<eos>" of save_tokenizer
+    assert config["pad_token_id"] == generation["pad_token_id"] == 1  # no pad token: end of text pads
+    assert generation["suppress_tokens"] == list(range(6, config["vocab_size"]))
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(clean / "hf_modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", GENERATE, str(out)], cwd=clean, env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["pad"] == result["eos"] == 1 and result["vocab"] == 6
+    new = result["new"]
+    assert len(new) == 3 and new[-1] == result["eos"], new  # stopped at end of text, not after 10 tokens
+    assert all(i < result["vocab"] for i in new), new  # no padded id, though the model preferred one

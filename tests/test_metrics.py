@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from disco_ds.metrics import CURVES_FILE, METRICS_FILE, MetricsLogger, flops_per_token, memory_gib
+from disco_ds.metrics import CURVES_FILE, METRICS_FILE, MetricsLogger, RunLog, flops_per_token, memory_gib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN = {
@@ -25,7 +25,9 @@ TRAIN = {
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The rows without their clock fields (``time``, ``elapsed``: tested on their own)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("time", "elapsed")} for row in rows]
 
 
 def is_png(path: Path) -> bool:
@@ -169,3 +171,39 @@ def test_wandb_offline_run_and_resume(tmp_path, monkeypatch, capsys):
     fresh.log(1, TRAIN)
     fresh.close()
     assert (run / "wandb_id").read_text().strip() != run_id
+
+
+def test_run_log_keeps_the_console_warnings_and_tracebacks(tmp_path, capsys):
+    import logging
+
+    from disco_ds.config import ConfigError
+
+    log = tmp_path / "run" / "train.log"
+    with pytest.raises(RuntimeError):
+        with RunLog(log):
+            print("plan line")
+            print("a warning the user should see", file=sys.stderr)  # where warnings.warn writes
+            logging.getLogger("DeepSpeed").warning("a DeepSpeed line")
+            raise RuntimeError("boom")
+    text = log.read_text()
+    assert "plan line" in text and "a warning the user should see" in text and "a DeepSpeed line" in text
+    assert "Traceback (most recent call last)" in text and "RuntimeError: boom" in text
+    assert "plan line" in capsys.readouterr().out  # still on the console
+    with pytest.raises(ConfigError):
+        with RunLog(log):
+            raise ConfigError("data.path: missing")
+    assert log.read_text().count("==== ") == 2 and "configuration error: data.path: missing" in log.read_text()
+    with RunLog(tmp_path / "other" / "train.log", enabled=False):
+        print("rank 1")
+    assert not (tmp_path / "other").exists()
+
+
+def test_rows_carry_wall_time_and_elapsed_seconds(tmp_path):
+    import time
+
+    started = time.time() - 5
+    with MetricsLogger(tmp_path, 2, enabled=True, started=started) as logger:
+        logger.log(1, {"loss": 1.0})
+        logger.log_eval(2, {"loss": 0.5})
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert len(rows) == 2 and all(abs(r["time"] - time.time()) < 60 and 5 <= r["elapsed"] < 65 for r in rows)

@@ -273,3 +273,52 @@ def test_norm_guidance_flags_a_far_too_high_lr_and_not_a_run_on_target(data_dir:
     # Far too small a learning rate cannot even reach the target: warned at start.
     low, _ = guided("low", 1e-4, 128.0)
     assert "can reach at most" in low.stdout
+
+
+def plan_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("batch ", "lr ", "steps ", "parallel "))]
+
+
+def test_recipe_previews_the_tensor_parallel_run_and_the_run_log(data_dir: Path, tmp_path: Path) -> None:
+    """``recipe --world-size 2 train.tp_size=2`` (an override after the option) prints the plan that
+    the 2-rank tp_size=2 launch prints: one replica, so B* and η of one replica. The launch keeps
+    its console in train.log (config, plan, startup phases, the eval with perplexity, bits and a
+    sample), and every metrics row carries wall time and elapsed seconds."""
+    run_dir = tmp_path / "tp"
+    args = overrides(data_dir, run_dir, **{"train.tp_size": 2, "train.zero_stage": 1, "train.global_batch_tokens": "null",
+                                           "train.max_steps": 2, "train.bf16": False, "optimizer.lr": "null",
+                                           "eval.sample_tokens": 8, "eval.sample_prompt": "def "})
+    preview = run([sys.executable, "-m", "disco_ds", "recipe", str(REPO / "recipes/tiny.yaml"), "--world-size", "2", *args])
+    assert preview.returncode == 0, preview.stderr[-3000:]
+    proc = run(launcher(args, free_port()))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert plan_lines(proc.stdout) == plan_lines(preview.stdout) and "1 ranks × 4 seq" in preview.stdout
+    assert "parallel    2 ranks = 1 data-parallel replicas × tensor parallel 2" in preview.stdout
+    refused = run([sys.executable, "-m", "disco_ds", "recipe", str(REPO / "recipes/tiny.yaml"), "--world-size", "2",
+                   "train.tp_size=4"])
+    assert refused.returncode == 2 and "train.tp_size=4 does not divide the 2 launched ranks" in refused.stderr
+
+    log = (run_dir / "train.log").read_text()
+    for needle in ("model:\n  preset: tiny", "batch       B*", "startup     process group ready in",
+                   "startup     model built in", "startup     engine ready in", "startup     first step done in",
+                   "val/perplexity", "val/bits_per_byte", "val/sample 'def "):
+        assert needle in log, needle
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time"] > 1.7e9 and 0 < r["elapsed"] < 900 for r in rows)
+
+
+def test_divergence_watch_bound_rising_window_and_messages() -> None:
+    """The rules that stop a diverging run (tests/test_checkpoint_runs.py stops a real one)."""
+    from disco_ds.config import load_config
+    from disco_ds.train import _DivergenceWatch, default_max_loss
+
+    assert default_max_loss(320) == pytest.approx(1.5 * 5.768 + 1, abs=1e-3)
+    watch = _DivergenceWatch(load_config(REPO / "recipes/tiny.yaml"), 320)
+    assert [watch.check(s, v) for s, v in [(1, 5.8), (2, 9.0), (3, 3.0), (4, 9.5)]] == [None] * 4  # no rising rule
+    assert watch.check(5, 9.7).startswith("loss 9.7 at step 5: above train.max_loss = 9.652 (a uniform prediction "
+                                          "over the 320 tokens scores 5.77; recent losses: step 1: 5.8, step 2: 9")
+    assert watch.check(6, float("nan")) == "loss is nan at step 6"
+    rising = _DivergenceWatch(load_config(REPO / "recipes/tiny.yaml", ["train.rise_window=2", "train.max_rise=0.5"]), 320)
+    assert [rising.check(s, v) for s, v in [(1, 5.0), (2, 4.0), (3, 3.0), (4, 3.4), (5, 3.6)]] == [None] * 5
+    message = rising.check(6, 4.0)  # mean 3.8 over steps 5-6, the lowest 2-step mean was 3.2 (steps 3-4)
+    assert message is not None and "mean over the last 2 steps, 3.8, is 0.6 above the lowest 2-step mean so far (3.2)" in message

@@ -1,0 +1,192 @@
+"""Will it fit: parameter counts and the memory one GPU needs for a recipe (``disco_ds recipe``).
+
+Per rank, with Ψ = parameters / ``train.tp_size`` and ``dp`` data-parallel replicas:
+
+* weights: Ψ in the model's dtype (bf16: 2 bytes, fp32: 4); ZeRO-3 keeps Ψ/dp of them.
+* fp32 master weights: DeepSpeed's ZeRO optimizers (stages 1–3) keep an fp32 partition Ψ/dp
+  whatever the model's dtype; at stage 0 a bf16 model keeps all Ψ in fp32, an fp32 model none.
+* gradients, in ``train.grad_dtype``: all Ψ at stages 0 and 1 (ZeRO-1 partitions only the
+  optimizer), Ψ/dp at stages 2 and 3; plus DeepSpeed's reduction bucket of
+  ``reduce_bucket_size`` elements at stages 1 and 2 (doubled with ``overlap_comm``; none under
+  the ``BF16_Optimizer`` DeepSpeed runs for ZeRO-1 with a bf16 model and fp32 gradients).
+* optimizer state: Scion keeps one fp32 momentum buffer ``exp_avg`` per (partitioned) parameter,
+  4·Ψ/dp bytes (stage 0: 4·Ψ); AdamW keeps two.
+* activations of one micro-batch: the tensors autograd saves for the backward, counted exactly by
+  running the model's forward on the meta device (no memory, no compute) at
+  ``train.micro_batch`` × ``data.seq_len``, in the model's dtype, plus the fp32 logits and their
+  gradient that the loss materialises. With activation checkpointing: what the checkpointed
+  forward saves plus one block's activations, recomputed during its backward.
+
+Not counted: the CUDA context and allocator fragmentation (typically 0.5–2 GiB on a GPU), the
+optimizer step's gather workspace (bounded by ``Scion.max_gather_numel``), ZeRO-3's prefetch
+buffers, and the activation savings of tensor parallelism (activations are counted whole: an
+upper bound). ``tests/test_memory.py`` compares the estimate with the peak the PyTorch profiler
+measures for the tiny model on the CPU (41.8 MiB measured, 43.7 MiB estimated).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from disco_ds.config import ConfigError, RunConfig
+from disco_ds.scaling import Plan
+
+__all__ = ["MemoryEstimate", "estimate_memory", "activation_bytes", "recipe_model", "format_memory", "gib"]
+
+_GIB = 2**30
+_DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed 0.19's zero_optimization.reduce_bucket_size default
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank holds at its peak, by kind (see the module docstring)."""
+
+    parameters: dict[str, int]
+    weights: float
+    master_weights: float
+    gradients: float
+    optimizer_state: float
+    buffers: float
+    activations: float
+    activations_checkpointed: float
+
+    @property
+    def static(self) -> float:
+        """Everything but activations: held for the whole run."""
+        return self.weights + self.master_weights + self.gradients + self.optimizer_state + self.buffers
+
+    def total(self, checkpointing: bool) -> float:
+        """The peak: static memory plus one micro-batch's activations."""
+        return self.static + (self.activations_checkpointed if checkpointing else self.activations)
+
+
+def _saved_bytes(model: torch.nn.Module, micro_batch: int, seq_len: int) -> float:
+    """Bytes of the tensors autograd saves in one forward and loss of ``model`` (on the meta device),
+    each storage once (views share their base's), the parameters excluded (counted as weights)."""
+    params = {id(p) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) not in params and id(tensor) not in params:
+            saved[id(base)] = base.numel() * base.element_size()
+        return tensor
+
+    ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+    # The loss's fp32 logits and their gradient coexist at the start of the backward.
+    return float(sum(saved.values()) + 2 * logits.numel() * 4)
+
+
+def activation_bytes(model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype) -> tuple[float, float]:
+    """``(without, with activation checkpointing)``: activation bytes of one micro-batch of
+    ``micro_batch`` × ``seq_len`` tokens through the NormGPT of ``model_config`` in ``dtype``."""
+    from models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
+
+    def build(n_layer: int, checkpointing: bool) -> torch.nn.Module:
+        config = type(model_config).from_dict({**model_config.to_dict(), "n_layer": n_layer})
+        with torch.device("meta"):
+            model = NormGPTForCausalLM(config).to(dtype)
+        if checkpointing:
+            with warnings.catch_warnings():  # transformers 5 renames the method; the trainer calls this one
+                warnings.simplefilter("ignore", FutureWarning)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    layers = model_config.n_layer
+    full = _saved_bytes(build(layers, False), micro_batch, seq_len)
+    one_block = full - _saved_bytes(build(max(layers - 1, 0), False), micro_batch, seq_len) if layers > 1 else full
+    checkpointed = _saved_bytes(build(layers, True), micro_batch, seq_len) + one_block
+    return full, min(full, checkpointed)
+
+
+def _bucket_elements(ds_config: dict[str, Any]) -> tuple[int, int]:
+    """``(reduce_bucket_size, number of buckets)`` of DeepSpeed's ZeRO-1/2 gradient reduction."""
+    zero = ds_config.get("zero_optimization", {})
+    size = zero.get("reduce_bucket_size", _DEFAULT_REDUCE_BUCKET)
+    size = _DEFAULT_REDUCE_BUCKET if size == "auto" else int(size)
+    return size, 2 if zero.get("overlap_comm", False) else 1
+
+
+def estimate_memory(cfg: RunConfig, plan: Plan, model_config: Any, ds_config: dict[str, Any]) -> MemoryEstimate:
+    """The per-rank memory of the run ``plan`` describes (``ds_config``: the engine's config)."""
+    counts = model_config.parameter_counts()
+    shard_params = counts["total"] / cfg.train.tp_size
+    t = cfg.train
+    stage, dp = t.zero_stage, plan.world_size
+    model_bytes = 2 if t.bf16 else 4
+    grad_bytes = 4 if t.grad_dtype == "float32" else 2
+    partition = shard_params / dp if stage >= 1 else shard_params
+    weights = model_bytes * (shard_params / dp if stage == 3 else shard_params)
+    master = 4 * partition if (stage >= 1 or t.bf16) else 0.0
+    gradients = grad_bytes * (shard_params / dp if stage >= 2 else shard_params)
+    states = 1 if cfg.optimizer.name == "scion" else 2
+    optimizer_state = 4 * states * partition
+    buffers = 0.0
+    # ZeRO-1 with a bf16 model and fp32 gradients runs DeepSpeed's BF16_Optimizer: no reduction bucket.
+    bf16_optimizer = stage == 1 and t.bf16 and t.grad_dtype == "float32"
+    if stage in (1, 2) and not bf16_optimizer and ds_config.get("zero_optimization", {}).get("contiguous_gradients", True):
+        size, count = _bucket_elements(ds_config)
+        buffers = float(size * count * grad_bytes)
+    full, checkpointed = activation_bytes(model_config, t.micro_batch, cfg.data.seq_len,
+                                          torch.bfloat16 if t.bf16 else torch.float32)
+    return MemoryEstimate(counts, weights, master, gradients, optimizer_state, buffers, full, checkpointed)
+
+
+def recipe_model(cfg: RunConfig) -> Any:
+    """The NormGPT config ``train`` would build: the data's vocabulary when ``data.path`` holds a
+    ``meta.json`` here, else the preset's (``model.overrides.vocab_size`` wins either way)."""
+    from disco_ds.train import build_model_config
+    from models.norm_gpt.configuration_norm_gpt import PRESETS
+
+    meta_path = Path(cfg.data.path) / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+    else:
+        meta = {"vocab_size": cfg.model.overrides.get("vocab_size", PRESETS[cfg.model.preset].get("vocab_size", 1))}
+    try:
+        return build_model_config(cfg, meta)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def gib(size: float) -> str:
+    """``size`` bytes in GiB, or in MiB below one GiB (a tiny model would otherwise show 0.00)."""
+    return f"{size / _GIB:.2f} GiB" if size >= _GIB else f"{size / 2**20:.1f} MiB"
+
+
+def format_memory(cfg: RunConfig, plan: Plan, world: int) -> str:
+    """The parameter counts and the per-GPU estimate as ``disco_ds recipe`` prints them."""
+    from disco_ds.train import engine_config
+
+    model_config = recipe_model(cfg)
+    try:
+        ds_config = engine_config(cfg, plan, model_config)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err) if str(err).startswith("train.deepspeed") else f"train.deepspeed: {err}") from None
+    m = estimate_memory(cfg, plan, model_config, ds_config)
+    c = m.parameters
+    ckpt = cfg.model.gradient_checkpointing
+    return "\n".join([
+        f"model       {c['total']:,} parameters ({c['non_embedding']:,} non-embedding, {c['embedding']:,} embedding, "
+        f"{c['head']:,} head)",
+        f"memory      per GPU, ZeRO-{cfg.train.zero_stage} over {plan.world_size} replicas"
+        + (f", tensor parallel {cfg.train.tp_size}" if cfg.train.tp_size > 1 else "")
+        + f", {'bf16' if cfg.train.bf16 else 'fp32'} model, {cfg.train.grad_dtype} gradients:",
+        f"            weights {gib(m.weights)} + fp32 masters {gib(m.master_weights)} + gradients {gib(m.gradients)} + "
+        f"{cfg.optimizer.name} state {gib(m.optimizer_state)} + DeepSpeed buckets {gib(m.buffers)} = {gib(m.static)}",
+        f"            activations at micro_batch {cfg.train.micro_batch} × {cfg.data.seq_len}: {gib(m.activations)} "
+        f"(with activation checkpointing {gib(m.activations_checkpointed)})",
+        f"            peak ≈ {gib(m.total(ckpt))} {'with' if ckpt else 'without'} activation checkpointing, "
+        f"{gib(m.total(not ckpt))} {'without' if ckpt else 'with'} (model.gradient_checkpointing); "
+        "plus the CUDA context, ~1 GiB",
+    ])

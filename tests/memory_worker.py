@@ -1,0 +1,60 @@
+"""Measures the peak tensor memory of the tiny recipe's engine for tests/test_memory.py.
+
+    python tests/memory_worker.py RECIPE [key=value ...]
+
+One process (a world of one, CPU accelerator): the trainer's engine is built and takes two
+optimizer steps under the PyTorch profiler, whose allocation events carry the CPU allocator's
+running total; its peak is the most bytes tensors held at once (weights, gradients, optimizer
+state, DeepSpeed's buffers, activations). Prints one JSON line: ``{"peak": bytes}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+
+def main() -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from disco_ds import train as trainer
+    from disco_ds.config import load_config
+    from disco_ds.memory import recipe_model
+    from disco_ds.scaling import plan_run
+
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    trainer._single_process_defaults()
+    deepspeed.init_distributed(dist_backend="gloo")
+    plan = plan_run(cfg, 1)
+    model_config = recipe_model(cfg)
+    ds_config = trainer.engine_config(cfg, plan, model_config)
+    device = trainer.communication_device()
+    generator = torch.Generator().manual_seed(0)
+    # Everything the run allocates happens inside the profile, so the timeline knows every tensor.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        engine, _ = trainer.build_engine(cfg, model_config, plan, ds_config, device)
+        for _ in range(2):
+            window = torch.randint(0, model_config.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len + 1), generator=generator)
+            loss = trainer._loss(engine, window[:, :-1], window[:, 1:], None)
+            engine.backward(loss)
+            engine.step()
+    # Every allocation event carries the CPU allocator's running total of bytes held by tensors.
+    totals, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            totals.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
+    totals.sort()
+    before = totals[0][1] - totals[0][2]  # held before the first allocation: not the run's
+    print(json.dumps({"peak": max(total for _, total, _ in totals) - before}))
+
+
+if __name__ == "__main__":
+    main()
