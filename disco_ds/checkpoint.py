@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from disco_ds.distributed import injected_fault
+from disco_ds.distributed import FAULT_ENV, injected_fault
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir", "complete_checkpoints",
            "verify_checkpoint", "select_checkpoint", "read_manifest", "CheckpointError", "CheckpointReport",
@@ -57,10 +57,10 @@ TAG = "ds"
 MANIFEST_FORMAT = "disco_ds.checkpoint/2"
 """``format`` of the JSON manifest in ``COMPLETE``. Checkpoints saved before manifests existed hold
 only their step number there: they load, unverified."""
-FAULT_ENV = "DISCO_DS_FAULT"
-"""Test hooks: ``kill-during-save@STEP`` makes rank 0 SIGKILL itself after the engine files of step
-STEP are written and before the checkpoint is completed (the resume tests use it);
-``save-enospc@RANK`` makes every file write of that rank fail as a full disk would."""
+# Test hooks of FAULT_ENV (DISCO_DS_FAULT) read here: ``kill-during-save@STEP`` makes rank 0
+# SIGKILL itself after the engine files of step STEP are written and before the checkpoint is
+# completed (the resume tests use it); ``save-enospc@RANK`` makes every file write of that rank
+# fail as a full disk would.
 _CHUNK = 1 << 24
 _LOW_SPACE_BYTES = 1 << 26
 """Below this many free bytes, a write error without an errno (torch's C++ writer reports a full
