@@ -59,6 +59,19 @@ def wait_all(procs: list[subprocess.Popen]) -> list[float | None]:
     return exits
 
 
+def assert_every_rank_fails(worker: Path, cfg: str, fault: str, tmp_path: Path, needles: list[str]) -> None:
+    """Two ranks of ``worker`` with ``fault`` injected on one: every rank must exit non-zero within
+    GRACE_S of the first, each reporting every needle (the same error everywhere)."""
+    procs = launch_ranks(worker, 2, [cfg, str(tmp_path / "result.pt")], fault, tmp_path)
+    exits = wait_all(procs)
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(len(procs))]
+    assert all(e is not None for e in exits), f"ranks still running {GRACE_S} s after the first exit: {exits}\n" + \
+        "\n".join(log[-2000:] for log in logs)
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode != 0, f"rank {r} exited 0:\n{log[-3000:]}"
+        assert all(n in log for n in needles), f"rank {r}:\n{log[-3000:]}"
+
+
 ZERO_CFG = {"micro_batch": 3, "accum": 1, "steps": 2, "lr": 0.05, "comm_dtype": "float32", "ns_method": "svd"}
 CASES = [
     # (check that fails, its rank, ZeRO stage, what every rank must report)
@@ -71,23 +84,10 @@ CASES = [
 @pytest.mark.parametrize("check,rank,stage,message", CASES, ids=[c[0] for c in CASES])
 def test_a_fault_on_one_rank_stops_every_rank(tmp_path: Path, check: str, rank: int, stage: int, message: str) -> None:
     cfg = json.dumps({**ZERO_CFG, "stage": stage})
-    procs = launch_ranks(TESTS / "zero_worker.py", 2, [cfg, str(tmp_path / "result.pt")], f"{check}@{rank}", tmp_path)
-    exits = wait_all(procs)
-    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(len(procs))]
-    assert all(e is not None for e in exits), f"ranks still running {GRACE_S} s after the first exit: {exits}\n" + \
-        "\n".join(log[-2000:] for log in logs)
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode != 0, f"rank {r} exited 0:\n{log[-3000:]}"
-        assert "RankCheckError" in log and message in log, f"rank {r}:\n{log[-3000:]}"
+    assert_every_rank_fails(TESTS / "zero_worker.py", cfg, f"{check}@{rank}", tmp_path, ["RankCheckError", message])
 
 
 def test_a_tensor_parallel_layout_fault_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     cfg = json.dumps({"tp": 2, "stage": 1, "micro_batch": 2, "steps": 1, "lr": 0.02})
-    procs = launch_ranks(TESTS / "tp_worker.py", 2, [cfg, str(tmp_path / "result.pt")], "tp-layout@1", tmp_path)
-    exits = wait_all(procs)
-    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(len(procs))]
-    assert all(e is not None for e in exits), f"ranks still running {GRACE_S} s after the first exit: {exits}\n" + \
-        "\n".join(log[-2000:] for log in logs)
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode != 0, f"rank {r} exited 0:\n{log[-3000:]}"
-        assert "the tensor-parallel layout check failed on 1 of 2 ranks" in log, f"rank {r}:\n{log[-3000:]}"
+    assert_every_rank_fails(TESTS / "tp_worker.py", cfg, "tp-layout@1", tmp_path,
+                            ["the tensor-parallel layout check failed on 1 of 2 ranks"])
