@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launching import free_port, torchrun, worker_env  # noqa: E402
@@ -47,7 +48,11 @@ ACCELERATE_WORKER = Path(__file__).parent / "accelerate_worker.py"
 TEMPLATES = REPO / "recipes" / "deepspeed"
 STEPS = 4
 ATOL = 1e-5  # see the module docstring
-ROUTES = ["cls_kwargs", "factory", "trainer"]
+# Route 2, the optimizer factory, is a transformers 5.x protocol (disco_ds.hf.ScionFactory): on 4.x
+# (make test-oldest) it is left out, and jobs that test something else than the route use route 1.
+HAS_FACTORY = int(transformers.__version__.split(".")[0]) >= 5
+ROUTES = ["cls_kwargs", "factory", "trainer"] if HAS_FACTORY else ["cls_kwargs", "trainer"]
+FACTORY = "factory" if HAS_FACTORY else "cls_kwargs"
 NORMGPT_GROUPS = 3  # embedding, hidden, output: DeepSpeed calls Scion.step once per group per step
 
 
@@ -61,13 +66,13 @@ def launch(script: Path, cfg: dict, out: Path, world: int = 2, extra_env: dict |
 def trainer_jobs(stage: int) -> list[dict]:
     jobs = [{"name": route, "route": route, "steps": STEPS} for route in ROUTES]
     if stage in (2, 3):
-        jobs[2]["save_steps"] = 2  # ScionTrainer saves checkpoint-2 for the resume test
+        jobs[ROUTES.index("trainer")]["save_steps"] = 2  # ScionTrainer saves checkpoint-2 for the resume test
         jobs += [
             # A stock Llama through the plain Trainer, classified without any mapping.
             {"name": "llama", "route": "cls_kwargs", "model": "llama", "steps": STEPS},
-            {"name": "offload", "route": "factory", "steps": STEPS, "config_suffix": "_offload"},
+            {"name": "offload", "route": FACTORY, "steps": STEPS, "config_suffix": "_offload"},
             # Gradient accumulation: one Scion step per optimizer step, never per micro-batch.
-            {"name": "accum", "route": "factory", "steps": STEPS, "accum": 2},
+            {"name": "accum", "route": FACTORY, "steps": STEPS, "accum": 2},
             {"name": "trainer_optimizers", "route": "trainer_optimizers", "steps": STEPS},
         ]
     if stage == 2:
@@ -275,7 +280,7 @@ def in_process_run(route: str, tmp_path: Path, kind: str = "normgpt"):
     return trainer, model, init, batches
 
 
-@pytest.mark.parametrize("route,kind", [("cls_kwargs", "normgpt"), ("factory", "normgpt"), ("trainer", "normgpt"),
+@pytest.mark.parametrize("route,kind", [("cls_kwargs", "normgpt"), (FACTORY, "normgpt"), ("trainer", "normgpt"),
                                         ("optimizers", "normgpt"), ("trainer", "llama")])
 def test_routes_without_deepspeed(tmp_path: Path, route: str, kind: str) -> None:
     """Without DeepSpeed every route, Trainer(optimizers=(Scion, None)) included, trains with Scion."""
@@ -407,7 +412,7 @@ def test_deepspeed_templates(name: str) -> None:
 # ---------------------------------------------------------------------------- the example
 
 
-@pytest.mark.parametrize("template,model,route", [("zero2", "normgpt", "trainer"), ("zero3", "llama", "factory")])
+@pytest.mark.parametrize("template,model,route", [("zero2", "normgpt", "trainer"), ("zero3", "llama", FACTORY)])
 def test_example_under_the_deepspeed_launcher(tmp_path: Path, template: str, model: str, route: str) -> None:
     """The README command, on 2 CPU ranks through the ``deepspeed`` launcher."""
     out = tmp_path / "run"
