@@ -116,9 +116,13 @@ def global_batches(rank_batches: list[list[torch.Tensor]], accum: int = 1) -> li
     return [torch.cat([b for r in rank_batches for b in r[s * accum:(s + 1) * accum]]) for s in range(steps)]
 
 
-def single_process(init: dict, batches: list[torch.Tensor], kind: str = "normgpt", schedule: str | None = "cosine"):
+def single_process(init: dict, batches: list[torch.Tensor], kind: str = "normgpt", schedule: str | None = "cosine",
+                   num_items: list[torch.Tensor | None] | None = None):
     """Single-process Scion (same groups and settings as the workers) on ``batches``; the
-    parameters after the run and the lr of every group at every step."""
+    parameters after the run and the lr of every group at every step. ``num_items``: the
+    ``num_items_in_batch`` the Trainer passed with each batch, so the loss is normalised as it was
+    (transformers 4.x counts the labels before the shift, 5.x after: the same gradient up to a
+    factor, which Scion's scale-invariant LMO only sees through fp32 rounding)."""
     from transformers import get_scheduler
 
     model = build_model(kind)
@@ -126,9 +130,9 @@ def single_process(init: dict, batches: list[torch.Tensor], kind: str = "normgpt
     optimizer = Scion(scion_param_groups(model, LR, ns_method="svd"))
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=0, num_training_steps=STEPS) if schedule else None
     lrs = []
-    for batch in batches:
+    for batch, items in zip(batches, num_items or [None] * len(batches)):
         lrs.append({g["role"]: g["lr"] for g in optimizer.param_groups})
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, labels=batch, **({} if items is None else {"num_items_in_batch": items})).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -273,9 +277,10 @@ def in_process_run(route: str, tmp_path: Path, kind: str = "normgpt"):
     model = build_model(kind)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = make_trainer(route, model, args)
-    batches: list[torch.Tensor] = []
-    model.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["input_ids"].clone()) if m.training else None,
-                                    with_kwargs=True)
+    batches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: batches.append((kw["input_ids"].clone(), kw.get("num_items_in_batch"))) if m.training else None,
+        with_kwargs=True)
     trainer.train()
     return trainer, model, init, batches
 
@@ -287,8 +292,8 @@ def test_routes_without_deepspeed(tmp_path: Path, route: str, kind: str) -> None
     trainer, model, init, batches = in_process_run(route, tmp_path, kind)
     scion = find_scion(trainer)
     assert isinstance(scion, Scion) and scion.steps == STEPS
-    assert len(batches) == STEPS and all(b.shape[0] == MICRO_BATCH for b in batches)
-    expected, _ = single_process(init, batches, kind)
+    assert len(batches) == STEPS and all(b.shape[0] == MICRO_BATCH for b, _ in batches)
+    expected, _ = single_process(init, [b for b, _ in batches], kind, num_items=[n for _, n in batches])
     assert_params_close({n: p.detach() for n, p in model.named_parameters()}, expected)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
