@@ -520,10 +520,13 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
                                tokenizer_dir if tokenizer_dir.is_dir() else None, cfg.checkpoint.keep,
                                portable=(lambda path: save_portable(engine, optimizer, path)) if portable else None)
 
+    projection = None  # the norm guidance's latest projection (log_pending keeps it)
+
     def log_pending() -> None:
         """Read the pending steps, stop at the first diverged loss (:class:`_DivergenceWatch`; the
-        losses are averaged over ranks, so every rank stops at the same step), log the others."""
-        nonlocal loss_value
+        losses are averaged over ranks, so every rank stops at the same step), log the others, and
+        update the norm guidance's projection (printed at the next evaluation)."""
+        nonlocal loss_value, projection
         rows = []
         read, seconds_per_step = pending.read()
         tokens_per_s = plan.batch_tokens / seconds_per_step
@@ -541,9 +544,10 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
                                     "mfu": flops * tokens_per_s / peak_flops if peak_flops > 0 else 0.0}))
             if guide is not None and OUTPUT_NORM in metrics:
                 guide.observe(row_step, float(metrics[OUTPUT_NORM]))
-        projection = guide.project(output_lr_left[rows[-1][0]]) if guide is not None and rows else None
-        if projection is not None:
-            rows[-1][1].update({"norm/output/projected": projection.final_norm, "norm/output/target": guide.target})
+        if guide is not None and rows:
+            projection = guide.project(output_lr_left[rows[-1][0]])
+            if projection is not None:
+                rows[-1][1].update({"norm/output/projected": projection.final_norm, "norm/output/target": guide.target})
         logger.log_steps(rows)
 
     first_step = True
@@ -587,7 +591,7 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
                 shown["sample"] = eval_sample(engine, data_dir, meta, cfg.eval.sample_prompt, cfg.eval.sample_tokens,
                                               cfg.data.seq_len, device)
             logger.log_eval(step, shown)
-            projection = guide.project(output_lr_left[step]) if guide is not None else None
+            # log_pending ran for this step just above: its projection is current.
             if projection is not None and rank == 0:
                 print(f"norm guide  {projection.message(plan.steps * plan.batch_tokens)}", flush=True)
         if save:
