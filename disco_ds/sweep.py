@@ -245,12 +245,14 @@ def run_command(recipe: str, lr: float, batch_tokens: int, horizons: Sequence[in
     """The ``disco_ds train`` command of one sweep run: constant lr (no warmup, no decay), the
     batch forced, trained to the last horizon, evaluated and logged at every horizon."""
     steps = horizon_steps(horizons, batch_tokens)
-    every = math.gcd(*steps)  # evaluation and train-loss rows land on every horizon
+    # Evaluations land on every horizon. The trainer writes every step's row (the norm included,
+    # norms_interval=1) whatever logging.interval, which only sets how often the device is read.
+    every = math.gcd(*steps)
     keys = [
         *overrides,
         f"optimizer.lr={lr!r}", f"train.global_batch_tokens={batch_tokens}", f"train.tokens={max(horizons)}",
         "schedule.warmup=0", "schedule.decay=0", f"train.run_dir={run_dir}", f"eval.interval={every}",
-        f"checkpoint.interval={every}", "checkpoint.resume=auto", "logging.interval=1", "logging.norms_interval=1",
+        f"checkpoint.interval={every}", "checkpoint.resume=auto", "logging.norms_interval=1",
     ]
     if ranks > 1:
         launcher = Path(sys.executable).with_name("deepspeed")
