@@ -46,7 +46,7 @@ def build(name, a):
     n_head = a.d_model // a.head_dim
     if name == "normgpt":
         sys.path.insert(0, str(ROOT))
-        from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
+        from disco_ds.models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
 
         cfg = NormGPTConfig(
             vocab_size=a.vocab_size, d_model=a.d_model, n_layer=a.n_layer, n_head=n_head, head_dim=a.head_dim

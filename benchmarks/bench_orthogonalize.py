@@ -52,7 +52,7 @@ import torch
 
 import disco_ds
 from disco_ds import orthogonalize
-from disco_ds.newton_schulz import ns_flops
+from disco_ds.optim.newton_schulz import ns_flops
 
 Shape = tuple[int, int]
 OptimizerFactory = Callable[[list[torch.nn.Parameter], float], torch.optim.Optimizer]

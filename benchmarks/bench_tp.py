@@ -8,7 +8,7 @@ Run (about 2 minutes on 2 busy CPU cores with the defaults)::
 
 For each TP size, one ``torch.distributed.run`` of this file in worker mode builds the same NormGPT
 (same seed), lets ``deepspeed.initialize`` shard it (``tensor_parallel`` from
-``disco_ds.tensor_parallel.autotp_config``), builds ``disco_ds.Scion`` from the shards, and times
+``disco_ds.distributed.tensor_parallel.autotp_config``), builds ``disco_ds.Scion`` from the shards, and times
 ``--steps`` training steps after ``--warmup``. Per rank the median per step, then the max over
 ranks:
 
@@ -54,8 +54,8 @@ def worker(cfg: dict, out: str) -> None:
 
     from disco_ds import Scion, scion_param_groups
     from disco_ds.distributed import shutdown_and_exit
-    from disco_ds.tensor_parallel import autotp_config
-    from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
+    from disco_ds.distributed.tensor_parallel import autotp_config
+    from disco_ds.models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

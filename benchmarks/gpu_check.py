@@ -24,7 +24,7 @@ The cases flagged ``measure`` run first, alone on the GPU: their tokens/s and MF
 ``optimizer/step_s``, ``optimizer/comm_s`` and ``optimizer/newton_schulz_s`` metrics that Scion
 logs into ``RUN_DIR/metrics.jsonl``, are reported. The other cases then run ``--jobs`` at a time
 (their timings are not reported: they share the GPU). Before the cases, a subprocess times
-``disco_ds.newton_schulz.orthogonalize`` with CUDA events on every hidden-matrix shape of every
+``disco_ds.optim.newton_schulz.orthogonalize`` with CUDA events on every hidden-matrix shape of every
 recipe in ``recipes/``, one matrix and all of that shape in one batched call (what one owner does at
 world size 1), FLOPs by ``ns_flops`` (SPEC 5.4: steps·(4m²n + 2m³), m ≤ n), against the bf16 peak
 and a measured 8192³ bf16 matmul.
@@ -550,7 +550,7 @@ def verify_export(hf_dir: Path, run_dir: Path, device: str) -> dict[str, Any]:
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from disco_ds.checkpoint import latest_checkpoint
+    from disco_ds.trainer.checkpoint import latest_checkpoint
     from disco_ds.data import eval_batches, list_shards
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -580,10 +580,10 @@ def recipe_hidden_shapes() -> dict[str, dict[tuple[int, int], int]]:
     their number, read from the model built on the meta device."""
     from collections import Counter
 
-    from disco_ds.config import load_config
-    from disco_ds.param_groups import classify_parameters
-    from models.norm_gpt.configuration_norm_gpt import NormGPTConfig
-    from models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
+    from disco_ds.trainer.config import load_config
+    from disco_ds.optim.param_groups import classify_parameters
+    from disco_ds.models.norm_gpt.configuration_norm_gpt import NormGPTConfig
+    from disco_ds.models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
 
     shapes = {}
     for path in sorted((REPO / "recipes").glob("*.yaml")):
@@ -611,8 +611,8 @@ def _cuda_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
 def newton_schulz_benchmark(peak_tflops: float) -> dict[str, Any]:
     """Time ``orthogonalize`` (each recipe's ns_steps and method) on every recipe's hidden shapes, one
     matrix and all matrices of the shape batched, and an 8192³ bf16 matmul as the attainable ceiling."""
-    from disco_ds.config import load_config
-    from disco_ds.newton_schulz import ns_flops, orthogonalize
+    from disco_ds.trainer.config import load_config
+    from disco_ds.optim.newton_schulz import ns_flops, orthogonalize
 
     device = torch.device("cuda")
     torch.manual_seed(0)

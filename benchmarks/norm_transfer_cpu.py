@@ -20,7 +20,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from disco_ds.sweep import run_sweep
+from disco_ds.trainer.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = [2.0**k for k in (-6, -5, -4, -3, -2, -1)]

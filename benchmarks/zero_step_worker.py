@@ -156,7 +156,7 @@ from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 from disco_ds import Scion, scion_param_groups  # noqa: E402
 from disco_ds.distributed import Layout, shutdown_and_exit, zero3_layout, zero12_layout  # noqa: E402
-from disco_ds.norms import lmo_many, make_norm  # noqa: E402
+from disco_ds.optim.norms import lmo_many, make_norm  # noqa: E402
 from disco_ds.optim import SCION_GROUP_DEFAULTS  # noqa: E402
 
 
@@ -242,7 +242,7 @@ class NaiveAllGatherScion(torch.optim.Optimizer):
     partition, exactly as Scion; then one ``all_gather_into_tensor`` of that partition in
     ``comm_dtype`` (the local slice is kept at full precision, as Scion keeps local fragments),
     so every rank rebuilds every full parameter of the group; the group's LMO
-    (``disco_ds.norms``, i.e. Newton–Schulz for hidden matrices, row / token norms on the full
+    (``disco_ds.optim.norms``, i.e. Newton–Schulz for hidden matrices, row / token norms on the full
     matrices) runs on every parameter on every rank; each rank keeps the slice of the update it
     holds and applies ``p ← (1 − lr·wd)·p − lr·ρ·u``. Same mathematics as Scion, W-fold work.
     """

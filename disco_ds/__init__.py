@@ -1,25 +1,29 @@
 """disco_ds: Scion for DeepSpeed ZeRO pretraining, with a Hugging Face norm-everywhere GPT.
 
-Public API:
+Public API (the optimizer core, :mod:`disco_ds.optim`; importing it needs torch only):
 
 * :func:`orthogonalize` — Newton–Schulz (quintic, Polar Express) and the exact SVD oracle.
-* :mod:`disco_ds.norms` — the LMO library, one class per geometry.
+* :data:`NORMS`, :class:`Norm`, :func:`register_norm` — the LMO library, one class per geometry.
 * :class:`Scion`, :class:`ScionLight` — the optimizers.
 * :func:`scion_param_groups` — embedding / hidden / output / vector groups with per-role lr.
 
-Importing disco_ds registers the norm-everywhere GPT (``model_type="norm_gpt"``, in
-:mod:`models.norm_gpt`) with transformers' ``AutoConfig``, ``AutoModel`` and
-``AutoModelForCausalLM``.
+The rest is imported where it is used: :mod:`disco_ds.models` (the norm-everywhere GPT; importing
+it registers ``model_type="norm_gpt"`` with transformers' Auto classes), :mod:`disco_ds.hf` (the
+Hugging Face Trainer routes), :mod:`disco_ds.trainer` (the ``disco_ds train`` stack),
+:mod:`disco_ds.data`, :mod:`disco_ds.distributed` and :mod:`disco_ds.integrations`.
 """
 
-from disco_ds.newton_schulz import orthogonalize
-from disco_ds.norms import NORMS, Norm, make_norm, register_norm
-from disco_ds.optim import Scion, ScionLight
-from disco_ds.param_groups import classify_parameters, scion_param_groups
-
-from models.norm_gpt import register_auto_classes as _register_norm_gpt
-
-_register_norm_gpt()
+from disco_ds.optim import (
+    NORMS,
+    Norm,
+    Scion,
+    ScionLight,
+    classify_parameters,
+    make_norm,
+    orthogonalize,
+    register_norm,
+    scion_param_groups,
+)
 
 __version__ = "0.1.0"
 

@@ -28,10 +28,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from disco_ds.checkpoint import CheckpointError
-    from disco_ds.config import load_config
+    from disco_ds.trainer.checkpoint import CheckpointError
+    from disco_ds.trainer.config import load_config
     from disco_ds.distributed import shutdown_and_exit
-    from disco_ds.train import Diverged, train
+    from disco_ds.trainer.loop import Diverged, train
 
     cfg = load_config(args.recipe, args.overrides)
     try:
@@ -49,9 +49,9 @@ def _train(args: argparse.Namespace) -> int:
 def _recipe(args: argparse.Namespace) -> int:
     import yaml
 
-    from disco_ds.config import load_config, to_dict
-    from disco_ds.memory import format_memory
-    from disco_ds.scaling import data_parallel_size, format_plan, plan_run
+    from disco_ds.trainer.config import load_config, to_dict
+    from disco_ds.trainer.memory import format_memory
+    from disco_ds.trainer.scaling import data_parallel_size, format_plan, plan_run
 
     cfg = load_config(args.recipe, args.overrides)
     # The launched ranks, as `train` counts them: tensor parallelism divides them into replicas.
@@ -68,7 +68,7 @@ def _verify(args: argparse.Namespace) -> int:
     """Print the state of every checkpoint of a run (or of one checkpoint); 1 if any is damaged."""
     from pathlib import Path
 
-    from disco_ds.checkpoint import COMPLETE, verify_checkpoint
+    from disco_ds.trainer.checkpoint import COMPLETE, verify_checkpoint
 
     target = Path(args.path)
     if (target / COMPLETE).is_file() or target.name.startswith(("step_", ".tmp_step_")):
@@ -99,7 +99,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from disco_ds import export, prepare, sweep
+    from disco_ds.data import prepare
+    from disco_ds.integrations import export
+    from disco_ds.trainer import sweep
 
     parser = argparse.ArgumentParser(prog="disco-ds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m disco_ds`` and the ``disco-ds`` console script."""
-    from disco_ds.config import ConfigError
+    from disco_ds.trainer.config import ConfigError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -45,7 +45,7 @@ from disco_ds.hf import (  # noqa: E402
     ScionTrainingArguments,
     scion_optimizer_cls_and_kwargs,
 )
-from models.norm_gpt import NormGPTConfig  # noqa: E402
+from disco_ds.models.norm_gpt import NormGPTConfig  # noqa: E402
 
 BYTE_VOCAB = 256
 

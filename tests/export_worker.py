@@ -27,9 +27,9 @@ import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
 
 from disco_ds import Scion, scion_param_groups
-from disco_ds.deepspeed_config import gradient_dtype_keys
+from disco_ds.integrations.deepspeed_config import gradient_dtype_keys
 from disco_ds.distributed import shutdown_and_exit
-from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
+from disco_ds.models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
 
 MICRO_BATCH, SEQ = 2, 16
 

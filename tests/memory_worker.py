@@ -23,10 +23,10 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    from disco_ds import train as trainer
-    from disco_ds.config import load_config
-    from disco_ds.memory import recipe_model
-    from disco_ds.scaling import plan_run
+    from disco_ds.trainer import loop as trainer
+    from disco_ds.trainer.config import load_config
+    from disco_ds.trainer.memory import recipe_model
+    from disco_ds.trainer.scaling import plan_run
 
     cfg = load_config(sys.argv[1], sys.argv[2:])
     trainer._single_process_defaults()

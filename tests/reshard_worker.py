@@ -37,7 +37,7 @@ from zero_worker import SEQ, VOCAB, build_model, global_batches  # noqa: E402
 
 from disco_ds import Scion, scion_param_groups  # noqa: E402
 from disco_ds.distributed import shutdown_and_exit  # noqa: E402
-from disco_ds.reshard import load_portable, save_portable  # noqa: E402
+from disco_ds.integrations.reshard import load_portable, save_portable  # noqa: E402
 
 
 def probe_loss(engine: deepspeed.DeepSpeedEngine) -> float:

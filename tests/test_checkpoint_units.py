@@ -1,4 +1,4 @@
-"""disco_ds.checkpoint's verification and disco_ds.resume's comparison, without launching a run:
+"""disco_ds.trainer.checkpoint's verification and disco_ds.trainer.resume's comparison, without launching a run:
 checkpoints made of plain files with a manifest, plans compared as data."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from disco_ds.checkpoint import (COMPLETE, MANIFEST_FORMAT, PORTABLE, CheckpointError, _hash_file, select_checkpoint,
+from disco_ds.trainer.checkpoint import (COMPLETE, MANIFEST_FORMAT, PORTABLE, CheckpointError, _hash_file, select_checkpoint,
                                  verify_checkpoint)
-from disco_ds.config import load_config
-from disco_ds.resume import plan_resume, run_record
-from disco_ds.scaling import plan_run
+from disco_ds.trainer.config import load_config
+from disco_ds.trainer.resume import plan_resume, run_record
+from disco_ds.trainer.scaling import plan_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from disco_ds.config import ConfigError, load_config
-from disco_ds.scaling import plan_run
-from disco_ds.schedule import wsd_factor
-from disco_ds.train import deepspeed_config
+from disco_ds.trainer.config import ConfigError, load_config
+from disco_ds.trainer.scaling import plan_run
+from disco_ds.trainer.schedule import wsd_factor
+from disco_ds.trainer.loop import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -28,7 +28,7 @@ from disco_ds.data import (
     read_shard,
     write_shard,
 )
-from disco_ds import prepare as prep
+from disco_ds.data import prepare as prep
 
 EOT = "<|endoftext|>"
 
@@ -618,7 +618,7 @@ def test_gpt2_tokenizer_from_local_file(tmp_path):
 
 def test_document_positions_restart_after_end_of_text_and_mask_like_separate_documents():
     from disco_ds.data import document_positions
-    from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
+    from disco_ds.models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
 
     eot = 7
     inputs = torch.tensor([[3, 4, eot, 5, 6, 8, eot, eot, 9], [eot, 1, 2, 3, 4, 5, 6, 1, 2]])
@@ -639,8 +639,8 @@ def test_document_positions_restart_after_end_of_text_and_mask_like_separate_doc
 def test_trainer_loss_with_document_mask_is_the_loss_of_documents_run_alone():
     import torch.nn.functional as F
 
-    from disco_ds.train import _loss
-    from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
+    from disco_ds.trainer.loop import _loss
+    from disco_ds.models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
 
     eot = 7
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from disco_ds.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, resolve_auto
+from disco_ds.integrations.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, resolve_auto
 
 GOOD = {
     "train_micro_batch_size_per_gpu": 2,

@@ -11,7 +11,7 @@ import torch
 
 import disco_ds.distributed as D
 from disco_ds.distributed import ExchangeStats, Fragment, Layout, assign_owners, plan_rounds
-from disco_ds.norms import ColNorm, RowNorm, TokenRMS, VectorRMS
+from disco_ds.optim.norms import ColNorm, RowNorm, TokenRMS, VectorRMS
 
 
 @pytest.mark.parametrize("start,numel,cols", [(0, 35, 5), (3, 14, 5), (7, 3, 5), (5, 10, 5), (0, 4, 5), (12, 23, 5)])

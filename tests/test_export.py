@@ -1,4 +1,4 @@
-"""disco_ds.export: real DeepSpeed checkpoints (ZeRO 0–3, two ranks) to Hugging Face folders.
+"""disco_ds.integrations.export: real DeepSpeed checkpoints (ZeRO 0–3, two ranks) to Hugging Face folders.
 
 ``tests/export_worker.py`` trains a tiny NormGPT with disco_ds.Scion for two steps per ZeRO stage
 under ``torch.distributed.run`` and saves each in the trainer's checkpoint layout, with the live
@@ -23,7 +23,7 @@ from torch import nn
 
 from launching import torchrun
 
-from disco_ds.export import ExportError, _tie_aliases, add_arguments, clean_state_dict, export_checkpoint, main
+from disco_ds.integrations.export import ExportError, _tie_aliases, add_arguments, clean_state_dict, export_checkpoint, main
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "export_worker.py"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from disco_ds.guidance import NormGuide, reachable_norm
+from disco_ds.trainer.guidance import NormGuide, reachable_norm
 
 
 def guide_after(growth_exponent, scale, steps=200, final_step=2000, target=128.0):

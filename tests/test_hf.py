@@ -31,7 +31,7 @@ from launching import free_port, torchrun, worker_env  # noqa: E402
 from hf_worker import LR, MICRO_BATCH, PatternDataset, build_model, find_scion, make_trainer, training_arguments  # noqa: E402
 
 from disco_ds import Scion, scion_param_groups  # noqa: E402
-from disco_ds.deepspeed_config import check_deepspeed_config  # noqa: E402
+from disco_ds.integrations.deepspeed_config import check_deepspeed_config  # noqa: E402
 from disco_ds.hf import (  # noqa: E402
     SUPPORTED_ROUTES,
     ScionFactory,
@@ -334,7 +334,7 @@ def test_llama_is_classified_without_a_mapping() -> None:
 
 
 def test_scion_arms_the_replacement_watch() -> None:
-    """Every Scion watches for being discarded (disco_ds/optim.py arms it in Scion.__init__)."""
+    """Every Scion watches for being discarded (disco_ds/optim/scion.py arms it in Scion.__init__)."""
     model = build_model()
     optimizer = Scion(scion_param_groups(model, LR))
     assert getattr(optimizer, "_replacement_watch", None) is not None

@@ -1,4 +1,4 @@
-"""disco_ds.memory: the per-GPU estimate that ``disco_ds recipe`` prints, against a measurement.
+"""disco_ds.trainer.memory: the per-GPU estimate that ``disco_ds recipe`` prints, against a measurement.
 
 ``tests/memory_worker.py`` builds the tiny recipe's engine (ZeRO-2, one rank, CPU) and takes two
 steps under the PyTorch profiler; the peak of the bytes its tensors hold must lie within 25% of
@@ -18,10 +18,10 @@ import pytest
 
 from launching import worker_env
 
-from disco_ds.config import load_config
-from disco_ds.memory import estimate_memory, recipe_model
-from disco_ds.scaling import plan_run
-from disco_ds.train import engine_config
+from disco_ds.trainer.config import load_config
+from disco_ds.trainer.memory import estimate_memory, recipe_model
+from disco_ds.trainer.scaling import plan_run
+from disco_ds.trainer.loop import engine_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""disco_ds.metrics: the FLOPs formula, metrics.jsonl, the console, resume, the plot and wandb."""
+"""disco_ds.trainer.metrics: the FLOPs formula, metrics.jsonl, the console, resume, the plot and wandb."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from disco_ds.metrics import CURVES_FILE, METRICS_FILE, MetricsLogger, RunLog, flops_per_token, memory_gib
+from disco_ds.trainer.metrics import CURVES_FILE, METRICS_FILE, MetricsLogger, RunLog, flops_per_token, memory_gib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN = {
@@ -131,7 +131,7 @@ def test_resume_drops_lines_after_the_checkpoint(tmp_path, capsys):
 
 
 def test_no_matplotlib_warns_and_skips_the_plot(tmp_path, monkeypatch):
-    import disco_ds.metrics as metrics
+    import disco_ds.trainer.metrics as metrics
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import → ImportError
     monkeypatch.setattr(metrics, "_warned_no_matplotlib", False)
@@ -176,7 +176,7 @@ def test_wandb_offline_run_and_resume(tmp_path, monkeypatch, capsys):
 def test_run_log_keeps_the_console_warnings_and_tracebacks(tmp_path, capsys):
     import logging
 
-    from disco_ds.config import ConfigError
+    from disco_ds.trainer.config import ConfigError
 
     log = tmp_path / "run" / "train.log"
     with pytest.raises(RuntimeError):

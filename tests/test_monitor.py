@@ -12,9 +12,9 @@ import torch
 
 from disco_ds import Scion, scion_param_groups
 from disco_ds.distributed import ExchangeStats, Fragment, Layout, matrix_products
-from disco_ds.monitor import ROLE_NORM_KIND, exact_operator_norm, fans
-from models.norm_gpt.configuration_norm_gpt import NormGPTConfig
-from models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
+from disco_ds.optim.monitor import ROLE_NORM_KIND, exact_operator_norm, fans
+from disco_ds.models.norm_gpt.configuration_norm_gpt import NormGPTConfig
+from disco_ds.models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
 
 
 def test_matrix_products_from_fragments_equal_dense() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from disco_ds import orthogonalize
-from disco_ds.newton_schulz import POLAR_EXPRESS_COEFFS, QUINTIC_COEFFS, ns_flops
+from disco_ds.optim.newton_schulz import POLAR_EXPRESS_COEFFS, QUINTIC_COEFFS, ns_flops
 
 
 def _ill_conditioned(m: int, n: int, cond: float, gen: torch.Generator) -> torch.Tensor:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere, installed or not
     sys.path.insert(0, str(ROOT))
 
-from models.norm_gpt import (  # noqa: E402
+from disco_ds.models.norm_gpt import (  # noqa: E402
     NormGPTConfig,
     NormGPTForCausalLM,
     NormGPTModel,

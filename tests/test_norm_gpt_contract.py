@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM, NormGPTModel  # noqa: E402
-from models.norm_gpt import modeling_norm_gpt  # noqa: E402
+from disco_ds.models.norm_gpt import NormGPTConfig, NormGPTForCausalLM, NormGPTModel  # noqa: E402
+from disco_ds.models.norm_gpt import modeling_norm_gpt  # noqa: E402
 
 VOCAB = NormGPTConfig.from_preset("tiny").vocab_size
 GREEDY = dict(do_sample=False, pad_token_id=0)

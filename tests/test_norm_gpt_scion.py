@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from disco_ds import Scion, scion_param_groups
-from disco_ds.norms import RowNorm, Spectral, TokenRMS
-from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
+from disco_ds.optim.norms import RowNorm, Spectral, TokenRMS
+from disco_ds.models.norm_gpt import NormGPTConfig, NormGPTForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from disco_ds import orthogonalize
-from disco_ds.norms import (
+from disco_ds.optim.norms import (
     NORMS,
     ColNorm,
     MatrixNorm,
@@ -197,7 +197,7 @@ def test_unknown_norm_and_bad_ns_options() -> None:
 
 def test_adding_a_geometry_is_adding_one_class() -> None:
     from disco_ds import Scion
-    from disco_ds.norms import register_norm
+    from disco_ds.optim.norms import register_norm
 
     @register_norm
     class UnitRows(SeparableNorm):

@@ -1,6 +1,6 @@
-"""Faults found before the process group and the engine start (disco_ds.preflight).
+"""Faults found before the process group and the engine start (disco_ds.trainer.preflight).
 
-A missing ``data.path`` is reported by :func:`disco_ds.train.train` within seconds, in-process,
+A missing ``data.path`` is reported by :func:`disco_ds.trainer.loop.train` within seconds, in-process,
 with ``deepspeed.init_distributed`` and the engine replaced by tripwires; a truncated shard is
 reported by both ranks of a real 2-rank launch as one ``configuration error`` line, before any
 process group. Token ids beyond the model's vocabulary and impossible ``checkpoint.resume``
@@ -20,9 +20,9 @@ import pytest
 
 from launching import free_port, worker_env
 
-from disco_ds.config import ConfigError, load_config
+from disco_ds.trainer.config import ConfigError, load_config
 from disco_ds.data import write_shard
-from disco_ds.preflight import check_data, check_resume, check_vocabulary
+from disco_ds.trainer.preflight import check_data, check_resume, check_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -47,7 +47,7 @@ def test_missing_data_path_is_named_before_the_process_group(tmp_path: Path, mon
     import deepspeed
     import torch.distributed as dist
 
-    from disco_ds import train as trainer
+    from disco_ds.trainer import loop as trainer
 
     def tripwire(*args, **kwargs):
         raise AssertionError("started before the configuration was checked")
@@ -104,7 +104,7 @@ def test_resume_value_names_the_accepted_values(tmp_path: Path) -> None:
 
 
 def test_a_sample_needs_a_tokenizer_that_loads(tmp_path: Path) -> None:
-    from disco_ds.preflight import check_sampling
+    from disco_ds.trainer.preflight import check_sampling
 
     data = make_data(tmp_path, np.random.default_rng(3).integers(0, 256, 5_000))  # meta.json names no tokenizer
     check_sampling(config(data, tmp_path / "run"))  # no sample asked: nothing to load

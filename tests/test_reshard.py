@@ -1,4 +1,4 @@
-"""disco_ds.reshard: resume a DeepSpeed + Scion run at a different world size and ZeRO stage.
+"""disco_ds.integrations.reshard: resume a DeepSpeed + Scion run at a different world size and ZeRO stage.
 
 Six runs of tests/reshard_worker.py under ``torchrun`` (each one new set of processes), all on the
 same global batches (micro-batch 3 at W=2, 2 at W=3: global batch 6), 4 optimizer steps in all:

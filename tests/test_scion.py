@@ -25,7 +25,7 @@ ROLE_SHAPES = {
 
 
 def reference_lmo(norm: str, d: torch.Tensor, ns_method: str) -> torch.Tensor:
-    """SPEC 1.2, one parameter at a time, written without disco_ds.norms."""
+    """SPEC 1.2, one parameter at a time, written without disco_ds.optim.norms."""
     if norm in ("spectral", "spectral_max"):
         s = math.sqrt(d.shape[0] / d.shape[1])
         s = max(1.0, s) if norm == "spectral_max" else s

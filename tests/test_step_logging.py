@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from disco_ds import metrics as metrics_module
-from disco_ds.metrics import METRICS_FILE, MetricsLogger
+from disco_ds.trainer import metrics as metrics_module
+from disco_ds.trainer.metrics import METRICS_FILE, MetricsLogger
 
 
 def test_steps_logged_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from disco_ds.sweep import HorizonReading, RunResult, fit_sweep, plot_sweep, read_horizons
+from disco_ds.trainer.sweep import HorizonReading, RunResult, fit_sweep, plot_sweep, read_horizons
 
 ALPHA, BETA, GAMMA = 0.62, -0.56, -0.12  # log2 η* = α log2 B + β log2 D + γ
 BATCH_EXP, BATCH_C = 0.45, 2.1  # log2 B* = a log2 D + c

@@ -27,15 +27,15 @@ from launching import torchrun  # noqa: E402
 
 from disco_ds import Scion, scion_param_groups  # noqa: E402
 from disco_ds.distributed import ExchangeStats, Fragment, Layout, distributed_lmo, matrix_products  # noqa: E402
-from disco_ds.norms import make_norm  # noqa: E402
-from disco_ds.tensor_parallel import (  # noqa: E402
+from disco_ds.optim.norms import make_norm  # noqa: E402
+from disco_ds.distributed.tensor_parallel import (  # noqa: E402
     autotp_config,
     check_tensor_parallel_shapes,
     merge_tp_shards,
     partition_dim_of,
 )
-from models.norm_gpt import NormGPTConfig  # noqa: E402
-from models.norm_gpt.modeling_norm_gpt import rms_norm, sharded_rms_norm  # noqa: E402
+from disco_ds.models.norm_gpt import NormGPTConfig  # noqa: E402
+from disco_ds.models.norm_gpt.modeling_norm_gpt import rms_norm, sharded_rms_norm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "tp_worker.py"
@@ -208,7 +208,7 @@ def test_tp2_default_transport_and_newton_schulz(tmp_path: Path) -> None:
 
 def test_tp_checkpoint_exports_unsharded_hf_model(tmp_path: Path) -> None:
     """A TP=2 run's trainer checkpoint exports to one Hugging Face folder whose logits are the live model's."""
-    from disco_ds.export import export_checkpoint
+    from disco_ds.integrations.export import export_checkpoint
     from transformers import AutoModelForCausalLM
 
     ckpt_root = tmp_path / "run"

@@ -309,8 +309,8 @@ def test_recipe_previews_the_tensor_parallel_run_and_the_run_log(data_dir: Path,
 
 def test_divergence_watch_bound_rising_window_and_messages() -> None:
     """The rules that stop a diverging run (tests/test_checkpoint_runs.py stops a real one)."""
-    from disco_ds.config import load_config
-    from disco_ds.train import _DivergenceWatch, default_max_loss
+    from disco_ds.trainer.config import load_config
+    from disco_ds.trainer.loop import _DivergenceWatch, default_max_loss
 
     assert default_max_loss(320) == pytest.approx(1.5 * 5.768 + 1, abs=1e-3)
     watch = _DivergenceWatch(load_config(REPO / "recipes/tiny.yaml"), 320)

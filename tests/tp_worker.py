@@ -26,8 +26,8 @@ from deepspeed.utils import groups, safe_get_full_fp32_param
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from disco_ds import Scion, scion_param_groups  # noqa: E402
 from disco_ds.distributed import shutdown_and_exit  # noqa: E402
-from disco_ds.tensor_parallel import autotp_config, gather_tp_shards, tp_spec  # noqa: E402
-from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM  # noqa: E402
+from disco_ds.distributed.tensor_parallel import autotp_config, gather_tp_shards, tp_spec  # noqa: E402
+from disco_ds.models.norm_gpt import NormGPTConfig, NormGPTForCausalLM  # noqa: E402
 
 SEQ = 8
 SHAPES = dict(vocab_size=97, d_model=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, ffn_hidden_size=135,
@@ -119,7 +119,7 @@ def main() -> None:
         logits_after = engine(input_ids=probe_batch()).logits.detach().float().clone()
     params = full_parameters(engine.module)
     if cfg.get("ckpt"):
-        from disco_ds.checkpoint import save_checkpoint
+        from disco_ds.trainer.checkpoint import save_checkpoint
 
         save_checkpoint(engine, Path(cfg["ckpt"]), steps, {"step": steps}, {"test": True}, model.config, None, keep=1)
     shard_meta = {name: (tuple(p.shape), getattr(p, "ds_autotp_universal_checkpoint_meta", {}).get("partition_dim"))

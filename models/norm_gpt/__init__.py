@@ -1,10 +1,10 @@
 """The norm-everywhere GPT as a Hugging Face model.
 
-    from models.norm_gpt import NormGPTConfig, NormGPTForCausalLM, register_auto_classes
+    from disco_ds.models.norm_gpt import NormGPTConfig, NormGPTForCausalLM, register_auto_classes
     register_auto_classes()
     model = NormGPTForCausalLM(NormGPTConfig.from_preset("124m"))
 
-`python -m models.norm_gpt` prints every size preset with its exact parameter counts.
+`python -m disco_ds.models.norm_gpt` prints every size preset with its exact parameter counts.
 """
 
 from .configuration_norm_gpt import PRESETS, NormGPTConfig, preset_table

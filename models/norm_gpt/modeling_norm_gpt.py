@@ -18,7 +18,7 @@ of a given norm has the same effect at every width and depth. Concretely (SPEC s
 No norm has a gain and no linear layer has a bias: the only parameters are the embedding, the
 hidden matrices and the head, i.e. exactly the three Scion roles. Embedding and head are untied.
 
-Tensor parallelism (DeepSpeed AutoTP, see disco_ds/tensor_parallel.py) needs nothing from this file
+Tensor parallelism (DeepSpeed AutoTP, see disco_ds/distributed/tensor_parallel.py) needs nothing from this file
 but two inert hooks: head counts come from the projections' output width (a column-parallel Wq
 yields this rank's heads), and the norms before Wo and W2 take their mean of squares over the
 whole width when the row-parallel layer they feed splits its input (`sharded_rms_norm`); with

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from disco_ds.distributed import logical_shape
-from disco_ds.norms import NORMS
+from disco_ds.optim.norms import NORMS
 
 __all__ = ["ROLES", "DEFAULT_ROLE_NORMS", "EMBEDDING_NAME_PATTERN", "OUTPUT_NAME_PATTERN", "scion_param_groups", "classify_parameters"]
 

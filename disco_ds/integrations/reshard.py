@@ -7,7 +7,7 @@ When to use it:
   and any ZeRO stage (0, 1, 2, 3);
 * **in ``disco_ds train``**: nothing to call. Every checkpoint holds a portable file
   (``checkpoint.portable``), and a resume at another world size or ZeRO stage loads it when
-  ``checkpoint.allow_change=true`` (:mod:`disco_ds.resume`);
+  ``checkpoint.allow_change=true`` (:mod:`disco_ds.trainer.resume`);
 * **same world size (and stage)**: use ``engine.save_checkpoint`` / ``engine.load_checkpoint``.
   They are bit-identical, keep DeepSpeed's own bookkeeping (loss scaler, data sampler, client
   state) and do not gather full tensors on rank 0.
@@ -103,7 +103,7 @@ class _Layout:
 
     def __init__(self, engine: Any, optimizer: Any) -> None:
         if getattr(engine, "mpu", None) is not None or int(getattr(engine, "sequence_parallel_size", 1) or 1) > 1:
-            raise NotImplementedError("disco_ds.reshard: only pure data parallelism is supported (no tensor, "
+            raise NotImplementedError("disco_ds.integrations.reshard: only pure data parallelism is supported (no tensor, "
                                       "pipeline or sequence parallelism: their shards are not full tensors)")
         self.engine = engine
         self.scion = _find_scion(optimizer if optimizer is not None else engine.optimizer)
@@ -116,14 +116,14 @@ class _Layout:
             names = []
             for p in members:
                 if id(p) not in self.names:
-                    raise ValueError("disco_ds.reshard: a Scion parameter is not a parameter of engine.module")
+                    raise ValueError("disco_ds.integrations.reshard: a Scion parameter is not a parameter of engine.module")
                 self.group_of[id(p)] = i
                 names.append(self.names[id(p)])
             self.group_names.append(names)
         if hasattr(self.wrapper, "fp32_partitioned_groups_flat"):
             self.mode = "zero3"
             if getattr(self.wrapper, "swap_optimizer", False):
-                raise NotImplementedError("disco_ds.reshard: ZeRO-3 with NVMe-swapped optimizer state is not supported")
+                raise NotImplementedError("disco_ds.integrations.reshard: ZeRO-3 with NVMe-swapped optimizer state is not supported")
             # id(model parameter) -> ZeRO-3 sub-group (one flat fp32 partition each)
             self.sub_group_of = {id(p): sg for sg, params in enumerate(self.wrapper.fp16_groups) for p in params}
         elif any(hasattr(p, "_hp_mapping") for m in self.scion._members for p in m):
@@ -136,7 +136,7 @@ class _Layout:
                 params = group["params"]
                 if [tuple(p.shape) for p in params] != [tuple(m.shape) for m in members]:
                     raise NotImplementedError(
-                        f"disco_ds.reshard: optimizer wrapper {type(self.wrapper).__name__} at stage 0 does not hand "
+                        f"disco_ds.integrations.reshard: optimizer wrapper {type(self.wrapper).__name__} at stage 0 does not hand "
                         "Scion one tensor per parameter; not supported")
                 for master, member in zip(params, members):
                     self.master_of[id(member)] = master
@@ -145,7 +145,7 @@ class _Layout:
         """ZeRO-1/2: the flat fp32 partition of Scion group ``i`` (between steps DeepSpeed leaves it there)."""
         params = self.scion.param_groups[i]["params"]
         if len(params) != 1 or params[0].dim() != 1:
-            raise RuntimeError("disco_ds.reshard: expected one flat ZeRO partition per Scion param group")
+            raise RuntimeError("disco_ds.integrations.reshard: expected one flat ZeRO partition per Scion param group")
         return params[0]
 
     def state_tensor_of(self, p: torch.Tensor) -> torch.Tensor | None:
@@ -185,7 +185,7 @@ def _find_scion(optimizer: Any) -> Scion:
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
         if optimizer is None or seen > 8:
-            raise TypeError("disco_ds.reshard: no disco_ds.Scion optimizer found (pass the Scion object or engine.optimizer)")
+            raise TypeError("disco_ds.integrations.reshard: no disco_ds.Scion optimizer found (pass the Scion object or engine.optimizer)")
     return optimizer
 
 
@@ -344,7 +344,7 @@ def load_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str], *, 
     layout = _Layout(engine, optimizer)
     record = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(record, dict) or record.get("format") != PORTABLE_FORMAT:
-        raise ValueError(f"disco_ds.reshard: {path} is not a portable Scion checkpoint (format {PORTABLE_FORMAT!r})")
+        raise ValueError(f"disco_ds.integrations.reshard: {path} is not a portable Scion checkpoint (format {PORTABLE_FORMAT!r})")
     saved_params: dict[str, torch.Tensor] = record["params"]
     saved_momentum: dict[str, torch.Tensor] = record[MOMENTUM_KEY]
     named = list(engine.module.named_parameters())
@@ -426,11 +426,11 @@ def _check_names_and_shapes(named: list[tuple[str, torch.Tensor]], saved: dict[s
     names = {n for n, _ in named}
     missing, unexpected = sorted(names - set(saved)), sorted(set(saved) - names)
     if strict and (missing or unexpected):
-        raise ValueError(f"disco_ds.reshard: parameter names differ from the checkpoint; missing: {missing}, "
+        raise ValueError(f"disco_ds.integrations.reshard: parameter names differ from the checkpoint; missing: {missing}, "
                          f"unexpected: {unexpected} (pass strict=False to load the common ones)")
     for name, p in named:
         if name in saved and tuple(saved[name].shape) != logical_shape(p):
-            raise ValueError(f"disco_ds.reshard: {name} has shape {logical_shape(p)} in the model but "
+            raise ValueError(f"disco_ds.integrations.reshard: {name} has shape {logical_shape(p)} in the model but "
                              f"{tuple(saved[name].shape)} in the checkpoint")
 
 
@@ -441,7 +441,7 @@ def _match_groups(layout: _Layout, saved_groups: list[dict[str, Any]]) -> dict[i
     for i, names in enumerate(layout.group_names):
         saved = by_names.get(tuple(names))
         if saved is None:
-            raise ValueError(f"disco_ds.reshard: Scion param group {i} ({names}) has no saved group with the same "
+            raise ValueError(f"disco_ds.integrations.reshard: Scion param group {i} ({names}) has no saved group with the same "
                              f"parameters; saved groups: {[g['names'] for g in saved_groups]}")
         matched[i] = saved
     return matched

@@ -1,7 +1,7 @@
 """What the trainer checks before the process group and the engine start: the data a run reads.
 
 Every rank runs :func:`check_data` first thing, so a missing ``data.path``, a truncated shard or
-token ids beyond the model's vocabulary is one :class:`~disco_ds.config.ConfigError` line within
+token ids beyond the model's vocabulary is one :class:`~disco_ds.trainer.config.ConfigError` line within
 seconds of launch, naming the key and the file, instead of a traceback after the engine is built.
 
 The largest token id of a shard is what the vocabulary check needs. ``prepare`` records it per
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from disco_ds.config import ConfigError, RunConfig
+from disco_ds.trainer.config import ConfigError, RunConfig
 from disco_ds.data import ShardError, TokenStream, eval_batches, list_shards, read_shard, shard_info
 
 __all__ = ["DataCheck", "check_data", "check_vocabulary", "check_windows", "check_sampling", "check_resume", "max_token_id"]
@@ -120,7 +120,7 @@ def check_sampling(cfg: RunConfig) -> None:
     """
     if not cfg.eval.sample_tokens:
         return
-    from disco_ds.prepare import load_tokenizer
+    from disco_ds.data.prepare import load_tokenizer
 
     try:
         load_tokenizer(cfg.data.path)

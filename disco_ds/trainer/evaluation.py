@@ -52,7 +52,7 @@ def eval_sample(engine: Any, data_dir: Path, meta: dict[str, Any], prompt: str, 
                 device: torch.device) -> str:
     """The text of :func:`greedy_sample` from ``prompt`` (the end-of-text token when empty: the start
     of a document), decoded with the tokenizer of ``data_dir``."""
-    from disco_ds.prepare import load_tokenizer
+    from disco_ds.data.prepare import load_tokenizer
 
     tokenizer = load_tokenizer(data_dir)
     prompt_ids = tokenizer.encode(prompt) if prompt else [int(meta["eot_id"])]

@@ -5,7 +5,7 @@ Layout of one checkpoint (``RUN_DIR/checkpoints/step_00000100``)::
 
     latest                 DeepSpeed's tag file ("ds")
     ds/                    engine.save_checkpoint(…, tag="ds"): model, sharded optimizer state
-    portable.pt            Scion's full weights and momentum (disco_ds.reshard), when saved: what a
+    portable.pt            Scion's full weights and momentum (disco_ds.integrations.reshard), when saved: what a
                            resume at another world size or ZeRO stage loads
     model/config.json      the model configuration (what ``disco_ds export`` rebuilds the model from)
     tokenizer/             the data's Hugging Face tokenizer files, when the data has them
@@ -54,7 +54,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoin
 COMPLETE = "COMPLETE"
 PORTABLE = "portable.pt"
 TAG = "ds"
-MANIFEST_FORMAT = "disco_ds.checkpoint/2"
+MANIFEST_FORMAT = "disco_ds.trainer.checkpoint/2"
 """``format`` of the JSON manifest in ``COMPLETE``. Checkpoints saved before manifests existed hold
 only their step number there: they load, unverified."""
 # Test hooks of FAULT_ENV (DISCO_DS_FAULT) read here: ``kill-during-save@STEP`` makes rank 0
@@ -190,7 +190,7 @@ def save_checkpoint(
     then keep only the newest ``keep`` complete checkpoints. Returns the checkpoint directory.
 
     ``portable(path)``, when given, is called on every rank to write :data:`PORTABLE` (rank 0
-    writes it, e.g. with :func:`disco_ds.reshard.save_portable`).
+    writes it, e.g. with :func:`disco_ds.integrations.reshard.save_portable`).
 
     Raises:
         CheckpointError: on every rank, when writing failed on any rank (naming the rank, the file

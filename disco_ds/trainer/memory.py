@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from disco_ds.config import ConfigError, RunConfig
-from disco_ds.scaling import Plan
+from disco_ds.trainer.config import ConfigError, RunConfig
+from disco_ds.trainer.scaling import Plan
 
 __all__ = ["MemoryEstimate", "estimate_memory", "activation_bytes", "recipe_model", "format_memory", "gib"]
 
@@ -90,7 +90,7 @@ def _saved_bytes(model: torch.nn.Module, micro_batch: int, seq_len: int) -> floa
 def activation_bytes(model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype) -> tuple[float, float]:
     """``(without, with activation checkpointing)``: activation bytes of one micro-batch of
     ``micro_batch`` × ``seq_len`` tokens through the NormGPT of ``model_config`` in ``dtype``."""
-    from models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
+    from disco_ds.models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
 
     def build(n_layer: int, checkpointing: bool) -> torch.nn.Module:
         config = type(model_config).from_dict({**model_config.to_dict(), "n_layer": n_layer})
@@ -145,8 +145,8 @@ def estimate_memory(cfg: RunConfig, plan: Plan, model_config: Any, ds_config: di
 def recipe_model(cfg: RunConfig) -> Any:
     """The NormGPT config ``train`` would build: the data's vocabulary when ``data.path`` holds a
     ``meta.json`` here, else the preset's (``model.overrides.vocab_size`` wins either way)."""
-    from disco_ds.train import build_model_config
-    from models.norm_gpt.configuration_norm_gpt import PRESETS
+    from disco_ds.trainer.loop import build_model_config
+    from disco_ds.models.norm_gpt.configuration_norm_gpt import PRESETS
 
     meta_path = Path(cfg.data.path) / "meta.json"
     if meta_path.is_file():
@@ -166,7 +166,7 @@ def gib(size: float) -> str:
 
 def format_memory(cfg: RunConfig, plan: Plan, world: int) -> str:
     """The parameter counts and the per-GPU estimate as ``disco_ds recipe`` prints them."""
-    from disco_ds.train import engine_config
+    from disco_ds.trainer.loop import engine_config
 
     model_config = recipe_model(cfg)
     try:

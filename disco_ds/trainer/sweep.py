@@ -50,7 +50,7 @@ __all__ = [
     "main",
 ]
 
-OUTPUT_NORM = "norm/output/weight"  # the trainer's name for ‖W_out‖_RMS→∞ (disco_ds.metrics)
+OUTPUT_NORM = "norm/output/weight"  # the trainer's name for ‖W_out‖_RMS→∞ (disco_ds.trainer.metrics)
 PARABOLA_POINTS = 7  # the paper fits its parabolas through the 7 points nearest the optimum
 
 

@@ -619,7 +619,7 @@ class _ShardWriter:
         self.files: list[str] = []
         self.max_ids: dict[str, int] = {}
         """Largest token id per shard: ``meta.json`` keeps them so the trainer checks the
-        vocabulary without reading the shards (:mod:`disco_ds.preflight`)."""
+        vocabulary without reading the shards (:mod:`disco_ds.trainer.preflight`)."""
 
     def add_document(self, tokens: np.ndarray, eot: np.ndarray) -> None:
         for arr in (tokens, eot):
@@ -980,7 +980,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m disco_ds.prepare ...
+if __name__ == "__main__":  # python -m disco_ds.data.prepare ...
     _parser = argparse.ArgumentParser(prog="disco_ds prepare", description=__doc__.split("\n\n")[0])
     add_arguments(_parser)
     sys.exit(main(_parser.parse_args()))

@@ -357,7 +357,7 @@ class _Tee(io.TextIOBase):
 class RunLog:
     """``with RunLog(run_dir / "train.log", enabled=rank == 0):`` copies what this process prints
     (stdout, stderr, warnings, DeepSpeed's logger) into the file, and an exception leaving the block
-    with its traceback (a :class:`~disco_ds.config.ConfigError` as its one-line message). Appends,
+    with its traceback (a :class:`~disco_ds.trainer.config.ConfigError` as its one-line message). Appends,
     so the launches of a resumed run follow each other, each under a dated header."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
@@ -383,7 +383,7 @@ class RunLog:
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
         if not self.enabled or self._file is None:
             return
-        from disco_ds.config import ConfigError
+        from disco_ds.trainer.config import ConfigError
 
         sys.stdout, sys.stderr = self._saved
         logging.getLogger("DeepSpeed").removeHandler(self._handler)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from disco_ds.distributed import ExchangeStats, Fragment, Layout, matrix_products, matrix_view_shape
-from disco_ds.norms import MatrixNorm, Norm
+from disco_ds.optim.norms import MatrixNorm, Norm
 
 __all__ = ["NORM_KINDS", "ROLE_NORM_KIND", "norm_kind", "operator_norm", "exact_operator_norm", "NormMonitor"]
 

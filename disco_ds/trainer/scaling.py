@@ -3,7 +3,7 @@
     B*(D)    = B_ref · (D / D_ref)^0.45
     η*(B, D) = η_ref · (B / B_ref)^0.62 · (D / D_ref)^−0.56
 
-``(η_ref, B_ref, D_ref)`` is the recipe's anchor (:class:`disco_ds.config.ScalingConfig`). The
+``(η_ref, B_ref, D_ref)`` is the recipe's anchor (:class:`disco_ds.trainer.config.ScalingConfig`). The
 batch is rounded to whole micro-batches on every rank, and η is evaluated at the batch actually
 used, so a forced batch size still gets its matching learning rate. Per-group rates are
 η · (input, hidden, output) ratios (1 : 1/8 : 1).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from disco_ds.config import ConfigError, RunConfig
+from disco_ds.trainer.config import ConfigError, RunConfig
 
 __all__ = ["Plan", "plan_run", "data_parallel_size", "optimal_batch_tokens", "optimal_lr", "format_plan", "batch_warning"]
 

@@ -32,7 +32,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from disco_ds.newton_schulz import NS_METHODS, orthogonalize
+from disco_ds.optim.newton_schulz import NS_METHODS, orthogonalize
 
 __all__ = [
     "Norm",

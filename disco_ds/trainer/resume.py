@@ -9,7 +9,7 @@ The plan keeps the checkpoint's batch: a recipe that leaves ``train.global_batch
 was gets the checkpoint's batch in tokens, so at another world size only the accumulation changes,
 and with it nothing else (the same B and D give the same η and the same number of steps). A
 different world size, ZeRO stage or tensor-parallel size cannot read DeepSpeed's sharded files; it
-loads the checkpoint's portable file (:mod:`disco_ds.reshard`) instead.
+loads the checkpoint's portable file (:mod:`disco_ds.integrations.reshard`) instead.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from disco_ds.checkpoint import PORTABLE, CheckpointError
-from disco_ds.config import RunConfig
-from disco_ds.scaling import Plan, plan_run
+from disco_ds.trainer.checkpoint import PORTABLE, CheckpointError
+from disco_ds.trainer.config import RunConfig
+from disco_ds.trainer.scaling import Plan, plan_run
 
 __all__ = ["run_record", "plan_resume", "Resume", "LAYOUT_KEYS"]
 

@@ -145,7 +145,7 @@ def load_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """
     checkpoint = Path(checkpoint)
     ds_dir, tag = _deepspeed_dir(checkpoint)
-    from disco_ds.tensor_parallel import merge_tp_shards, tp_checkpoint_ranks
+    from disco_ds.distributed.tensor_parallel import merge_tp_shards, tp_checkpoint_ranks
 
     tp_ranks = tp_checkpoint_ranks(ds_dir)
     if tp_ranks > 1:
@@ -371,7 +371,7 @@ def export_checkpoint(
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not (checkpoint / "COMPLETE").exists() and (checkpoint / "checkpoints").is_dir():
-        from disco_ds.checkpoint import latest_checkpoint
+        from disco_ds.trainer.checkpoint import latest_checkpoint
 
         newest = latest_checkpoint(checkpoint)  # a run directory: its newest complete checkpoint
         if newest is None:
@@ -428,7 +428,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _cli(argv: Any = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m disco_ds.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m disco_ds.integrations.export", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

@@ -49,10 +49,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """NormGPT: a size preset plus any :class:`~models.norm_gpt.NormGPTConfig` field."""
+    """NormGPT: a size preset plus any :class:`~disco_ds.models.norm_gpt.NormGPTConfig` field."""
 
     preset: str = "tiny"
-    """One of ``models.norm_gpt.PRESETS``: tiny, 124m, 350m, 760m, 1.3b, paper-proxy, paper-w4, paper-w12, paper-d8, paper-d32."""
+    """One of ``disco_ds.models.norm_gpt.PRESETS``: tiny, 124m, 350m, 760m, 1.3b, paper-proxy, paper-w4, paper-w12, paper-d8, paper-d32."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """NormGPTConfig fields that replace the preset's (e.g. ``n_layer: 4``). ``vocab_size`` defaults
     to the data's tokenizer rounded up to a multiple of 64."""
@@ -189,7 +189,7 @@ class CheckpointConfig:
     """Resume even when the run differs from the checkpoint's (world size, batch, lr, steps,
     schedule, optimizer hyperparameters), logging every change; false: such a resume is refused."""
     portable: bool = True
-    """Also save Scion's full weights and momentum (``portable.pt``, :mod:`disco_ds.reshard`) in every
+    """Also save Scion's full weights and momentum (``portable.pt``, :mod:`disco_ds.integrations.reshard`) in every
     checkpoint, so that it can resume at another world size or ZeRO stage (Scion without tensor
     parallelism only). Costs one gather to rank 0 and a file of 8 bytes per parameter."""
 
@@ -366,7 +366,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(cfg.logging.interval >= 1 and cfg.logging.norms_interval >= 1, "logging.interval", "intervals are >= 1")
     _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
              f"{cfg.logging.wandb_mode!r} is not one of ['offline', 'online', 'disabled']")
-    from models.norm_gpt.configuration_norm_gpt import PRESETS, NormGPTConfig
+    from disco_ds.models.norm_gpt.configuration_norm_gpt import PRESETS, NormGPTConfig
 
     _require(cfg.model.preset in PRESETS, "model.preset", f"{cfg.model.preset!r} is not one of {sorted(PRESETS)}")
     accepted = NormGPTConfig().to_dict()

@@ -27,23 +27,23 @@ import torch.nn.functional as F
 import yaml
 from deepspeed.accelerator import get_accelerator
 
-from disco_ds.checkpoint import PORTABLE, load_checkpoint, save_checkpoint, select_checkpoint
-from disco_ds.config import ConfigError, RunConfig, to_dict
+from disco_ds.trainer.checkpoint import PORTABLE, load_checkpoint, save_checkpoint, select_checkpoint
+from disco_ds.trainer.config import ConfigError, RunConfig, to_dict
 from disco_ds.data import TokenStream, document_positions, eval_batches
-from disco_ds.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, lookup, resolve_auto
-from disco_ds.evaluation import eval_sample, readable_metrics
-from disco_ds.guidance import NormGuide, reachable_norm
-from disco_ds.metrics import OUTPUT_NORM, RUN_LOG, MetricsLogger, RunLog, flops_per_token, memory_gib
+from disco_ds.integrations.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, lookup, resolve_auto
+from disco_ds.trainer.evaluation import eval_sample, readable_metrics
+from disco_ds.trainer.guidance import NormGuide, reachable_norm
+from disco_ds.trainer.metrics import OUTPUT_NORM, RUN_LOG, MetricsLogger, RunLog, flops_per_token, memory_gib
 from disco_ds.optim import Scion
-from disco_ds.param_groups import classify_parameters, scion_param_groups
-from disco_ds.reshard import load_portable, save_portable
-from disco_ds.resume import plan_resume, run_record
-from disco_ds.tensor_parallel import autotp_config
-from disco_ds.preflight import DataCheck, check_data, check_resume, check_sampling, check_vocabulary, check_windows
-from disco_ds.scaling import Plan, data_parallel_size, format_plan, plan_run
-from disco_ds.schedule import wsd_factor
-from models.norm_gpt.configuration_norm_gpt import NormGPTConfig
-from models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
+from disco_ds.optim.param_groups import classify_parameters, scion_param_groups
+from disco_ds.integrations.reshard import load_portable, save_portable
+from disco_ds.trainer.resume import plan_resume, run_record
+from disco_ds.distributed.tensor_parallel import autotp_config
+from disco_ds.trainer.preflight import DataCheck, check_data, check_resume, check_sampling, check_vocabulary, check_windows
+from disco_ds.trainer.scaling import Plan, data_parallel_size, format_plan, plan_run
+from disco_ds.trainer.schedule import wsd_factor
+from disco_ds.models.norm_gpt.configuration_norm_gpt import NormGPTConfig
+from disco_ds.models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
 
 __all__ = ["train", "Diverged", "NonFiniteLoss", "default_max_loss", "deepspeed_config", "engine_config", "build_model_config", "build_model",
            "build_engine", "communication_device"]
@@ -74,7 +74,7 @@ class NonFiniteLoss(Diverged):
 
 
 def default_max_loss(vocab_size: int) -> float:
-    """``train.max_loss`` when the recipe leaves it null: 1.5·ln(V) + 1 (see :class:`~disco_ds.config.TrainConfig`)."""
+    """``train.max_loss`` when the recipe leaves it null: 1.5·ln(V) + 1 (see :class:`~disco_ds.trainer.config.TrainConfig`)."""
     return 1.5 * math.log(vocab_size) + 1.0
 
 
@@ -98,12 +98,12 @@ def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
 
     The JSON may be one of the Hugging Face templates in ``recipes/deepspeed/``: its ``"auto"``
     values take the recipe's (batch sizes, precision) or DeepSpeed's defaults (bucket sizes), see
-    :func:`~disco_ds.deepspeed_config.resolve_auto`.
+    :func:`~disco_ds.integrations.deepspeed_config.resolve_auto`.
 
     Raises:
         FileNotFoundError: ``train.deepspeed`` does not exist.
         ValueError: the JSON contradicts a key the recipe owns (naming both), or the config would
-            not run Scion (:func:`~disco_ds.deepspeed_config.check_deepspeed_config`).
+            not run Scion (:func:`~disco_ds.integrations.deepspeed_config.check_deepspeed_config`).
     """
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -402,7 +402,7 @@ def _validate(cfg: RunConfig, world: int) -> tuple[DataCheck, NormGPTConfig, Pla
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) the configured pretraining; returns the final step, losses and checkpoint.
 
-    Rank 0's console is also written to ``RUN_DIR/train.log`` (:class:`~disco_ds.metrics.RunLog`),
+    Rank 0's console is also written to ``RUN_DIR/train.log`` (:class:`~disco_ds.trainer.metrics.RunLog`),
     errors with their tracebacks included.
 
     Raises:

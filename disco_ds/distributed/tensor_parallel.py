@@ -1,6 +1,6 @@
 """Tensor parallelism (Megatron-style, through DeepSpeed AutoTP) for NormGPT and for Scion.
 
-Three pieces, none of them mathematics (that stays in :mod:`disco_ds.norms`):
+Three pieces, none of them mathematics (that stays in :mod:`disco_ds.optim.norms`):
 
 * **The sharding plan** of NormGPT for DeepSpeed's own AutoTP training
   (``"tensor_parallel": {"autotp_size": T, "partition_config": ...}``). DeepSpeed 0.19.8's
@@ -35,7 +35,7 @@ DeepSpeed gets a factory; ``disco_ds train`` does this for ``train.tp_size > 1``
 
 Every rank of one TP group must feed the same micro-batch (``groups.get_data_parallel_rank()``
 selects the data). Checkpoints hold one file set per TP rank (``mp_rank_XX``);
-:func:`disco_ds.export.load_fp32_state_dict` merges them into unsharded weights.
+:func:`disco_ds.integrations.export.load_fp32_state_dict` merges them into unsharded weights.
 
 A row-parallel matrix (split along dim 1) is stored in the layout column block by column block
 (``Layout.blocks``); the owner reassembles ``[rows, cols]`` before Newton–Schulz. Replicated
@@ -53,7 +53,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from disco_ds.distributed import Fragment, Layout, RankCheckError, injected_fault
+from disco_ds.distributed.agreement import RankCheckError, injected_fault
+from disco_ds.distributed.layout import Fragment, Layout
 
 __all__ = [
     "COLUMN_PARALLEL",
