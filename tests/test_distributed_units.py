@@ -8,8 +8,10 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import disco_ds.distributed as D
+import disco_ds.distributed.exchange as exchange
 from disco_ds.distributed import ExchangeStats, Fragment, Layout, assign_owners, plan_rounds
 from disco_ds.optim.norms import ColNorm, RowNorm, TokenRMS, VectorRMS
 
@@ -17,7 +19,7 @@ from disco_ds.optim.norms import ColNorm, RowNorm, TokenRMS, VectorRMS
 @pytest.mark.parametrize("start,numel,cols", [(0, 35, 5), (3, 14, 5), (7, 3, 5), (5, 10, 5), (0, 4, 5), (12, 23, 5)])
 def test_row_pieces_tile_the_fragment(start: int, numel: int, cols: int) -> None:
     covered = []
-    for offset, row, rows, col, width in D._row_pieces(Fragment(0, start, numel, 0), cols):
+    for offset, row, rows, col, width in D.layout.row_pieces(Fragment(0, start, numel, 0), cols):
         assert 0 <= col and col + width <= cols and (rows == 1 or (col == 0 and width == cols))
         covered += [start + offset + r * width + c for r in range(rows) for c in range(width)]
         assert [row * cols + col + r * cols + c for r in range(rows) for c in range(width)] == covered[-rows * width:]
@@ -34,10 +36,10 @@ def test_separable_lmo_from_three_ranks_equals_whole_lmo(monkeypatch, norm, shap
     fragments = [[Fragment(0, a, b - a, 0)] for a, b in zip(cuts, cuts[1:])]
 
     def run(rank: int, fake_all_reduce) -> dict:
-        monkeypatch.setattr(D.dist, "all_reduce", fake_all_reduce)
+        monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
         layout = Layout(shapes=[shape], fragments=fragments, group=None, rank=rank)
         directions = {f: flat[f.start : f.start + f.numel] for f in layout.local()}
-        return D._separable_lmo(layout, norm, [0], directions, ExchangeStats(), flat.device)
+        return exchange._separable_lmo(layout, norm, [0], directions, ExchangeStats(), flat.device)
 
     partials = []
     for r in range(3):
@@ -93,9 +95,9 @@ def test_a_rank_without_fragments_builds_its_buffers_on_the_given_device(monkeyp
     """Rank 1 holds nothing of the matrix, yet enters the all_reduce: its buffer must be on the
     communication device passed down (``meta`` here, to tell it from a host fallback)."""
     reduced: list[torch.Tensor] = []
-    monkeypatch.setattr(D.dist, "all_reduce", lambda t, group=None: reduced.append(t))
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: reduced.append(t))
     layout = Layout(shapes=[(4, 3)], fragments=[[Fragment(0, 0, 12, 0)], []], group=None, rank=1)
-    assert D._separable_lmo(layout, RowNorm(), [0], {}, ExchangeStats(), torch.device("meta")) == {}
+    assert exchange._separable_lmo(layout, RowNorm(), [0], {}, ExchangeStats(), torch.device("meta")) == {}
     D.matrix_products(layout, [{}], [{}], transpose=False, stats=ExchangeStats(), device=torch.device("meta"))
     assert [t.device.type for t in reduced] == ["meta", "meta"]
     with pytest.raises(ValueError, match="pass device="):
@@ -110,10 +112,10 @@ def test_a_failure_on_some_ranks_is_raised_on_every_rank(monkeypatch, failing: l
     errors = {r: (f"bad fragment on {r}" if r in failing else None) for r in range(world)}
     outcomes = []
     for rank in range(world):
-        monkeypatch.setattr(D, "_group_rank_and_size", lambda group, rank=rank: (rank, world))
-        monkeypatch.setattr(D.dist, "all_reduce", lambda t, group=None: t.copy_(torch.tensor([int(errors[r] is not None)
+        monkeypatch.setattr(D.agreement, "group_rank_and_size", lambda group, rank=rank: (rank, world))
+        monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: t.copy_(torch.tensor([int(errors[r] is not None)
                                                                                               for r in range(world)])))
-        monkeypatch.setattr(D.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(
+        monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(
             slice(None), [errors[r] for r in range(world)]))
         try:
             D.raise_if_any_failed(errors[rank], None, torch.device("cpu"), "the check")

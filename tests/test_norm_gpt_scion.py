@@ -22,10 +22,11 @@ def tiny_model(seed: int = 0, **overrides) -> NormGPTForCausalLM:
     return NormGPTForCausalLM(NormGPTConfig.from_preset("tiny", n_kv_head=2, **overrides))
 
 
-def test_import_disco_ds_registers_auto_classes() -> None:
-    # A fresh interpreter in which nothing but disco_ds is imported before the Auto classes.
+def test_import_disco_ds_models_registers_auto_classes() -> None:
+    # A fresh interpreter in which nothing but disco_ds.models is imported before the Auto classes
+    # (plain `import disco_ds` stays torch-only: tests/test_package.py).
     script = (
-        "import disco_ds\n"
+        "import disco_ds.models\n"
         "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM\n"
         "cfg = AutoConfig.for_model('norm_gpt', vocab_size=64, d_model=32, n_layer=1, n_head=2, head_dim=16)\n"
         "print(type(cfg).__name__, type(AutoModel.from_config(cfg)).__name__,"

@@ -125,6 +125,9 @@ CASES = [
 ]
 
 
+PROVIDER_OF_STAGE = {0: "ReplicatedProvider", 1: "Zero12Provider", 2: "Zero12Provider", 3: "Zero3Provider"}
+
+
 @pytest.mark.parametrize("name,stage,world,accum,extra", CASES, ids=[c[0] for c in CASES])
 def test_fp32_transport_equals_single_process(tmp_path: Path, name: str, stage: int, world: int, accum: int, extra: dict) -> None:
     result = run_workers(tmp_path, world, stage=stage, accum=accum, comm_dtype="float32", ns_method="svd",
@@ -138,6 +141,8 @@ def test_fp32_transport_equals_single_process(tmp_path: Path, name: str, stage: 
     if "max_gather_numel" in extra:
         assert min(rank["rounds"] for rank in result["ranks"]) >= 2 * result["cfg"]["steps"]
     assert all((rank["staged_partitions"] > 0) == (extra is OFFLOAD) for rank in result["ranks"])
+    # Scion chose the layout provider for how this stage hands it the groups.
+    assert {rank["provider"] for rank in result["ranks"]} == {PROVIDER_OF_STAGE[stage]}
     assert_exactly_once(result)
 
 

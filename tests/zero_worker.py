@@ -141,8 +141,10 @@ def main() -> None:
         "ns_seconds": stats.ns_seconds,
         "state_numel": sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)),
         "optimizer_steps": opt.steps,
-        # ZeRO-Offload partitions staged onto the accelerator for the LMO (an identity copy on the CPU).
-        "staged_partitions": len(opt._staging),
+        # ZeRO-Offload partitions staged onto the accelerator for the LMO (an identity copy on the CPU);
+        # only the flat-partition providers stage anything.
+        "provider": type(opt.provider).__name__,
+        "staged_partitions": len(getattr(opt.provider, "staging", {})),
         "local_weights": local_weights,
         "metrics": metrics,
         # max |gathered/m − safe_get_full_grad| per matrix this rank owned on the first step

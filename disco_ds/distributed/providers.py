@@ -320,15 +320,17 @@ class _FlatPartitionProvider(LayoutProvider):
 
     partitioned = True
 
-    def __init__(self, name_of: NameOf, agree_over_world: bool = False) -> None:
+    def __init__(self, name_of: NameOf, offloaded: bool = False, agree_over_world: bool = False) -> None:
         super().__init__(name_of)
+        self.offload_device = accelerator_device() if offloaded else None
+        """Under ZeRO-Offload (a setting of the whole engine), where the host partitions are staged to."""
         self.agree_over_world = agree_over_world
         """Agree on the self-test over the whole world instead of the layout's group (under tensor
         parallelism the lifted layout spans the TP×DP grid)."""
         self.staging: dict[Any, Staging] = {}
 
     def device(self, params: list[torch.Tensor], members: list[torch.Tensor]) -> torch.device:
-        return accelerator_device() if _offloaded(members) else params[0].device
+        return self.offload_device if self.offload_device is not None else params[0].device
 
     def _key_and_build(self, group: dict[str, Any], flat: torch.Tensor,
                        members: list[torch.Tensor]) -> tuple[Any, Callable[[], tuple[Layout, list[torch.Tensor]]]]:
@@ -353,17 +355,14 @@ class _FlatPartitionProvider(LayoutProvider):
             raise_if_any_failed(error, None if self.agree_over_world else layout.group, device,
                                 "Scion: the first-step check of a ZeRO flat partition")
             self.layouts[key] = (layout, layout_members)
+            if self.offload_device is not None:
+                self.staging[key] = Staging(flat, self.offload_device)
         layout, layout_members = self.layouts[key]
         if flat.grad is None:
             # After the first call (where the ranks agreed that every partition has its gradient),
             # DeepSpeed assigns each partition's gradient before every call, on every rank alike.
             raise RuntimeError(f"Scion: DeepSpeed called step() for param group {group['scion_gid']} without a gradient")
-        staging = None
-        if device != flat.device:
-            if key not in self.staging:
-                self.staging[key] = Staging(flat, device)
-            staging = self.staging[key]
-        return Placement(layout, layout_members, [flat], [layout.local()], device, staging)
+        return Placement(layout, layout_members, [flat], [layout.local()], device, self.staging.get(key))
 
     def _layout_error(self, layout: Layout, flat: torch.Tensor, members: list[torch.Tensor]) -> str | None:
         """Self-test of a new layout: each local fragment of the fp32 master partition must equal
@@ -462,7 +461,8 @@ def choose_provider(group_index: int, params: list[torch.Tensor], members: list[
     provider: LayoutProvider
     if zero and not any(p is m for p in params[:1] for m in members):
         z3 = getattr(members[0], "_z3_optimizer", None) is not None
-        provider = (Zero3Provider if z3 else Zero12Provider)(name_of, agree_over_world=tensor_parallel)
+        provider = (Zero3Provider if z3 else Zero12Provider)(name_of, offloaded=_offloaded(members),
+                                                             agree_over_world=tensor_parallel)
     elif [tuple(p.shape) for p in params] == [tuple(m.shape) for m in members]:
         group = process_group
         if group is None and tensor_parallel:

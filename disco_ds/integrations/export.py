@@ -213,8 +213,9 @@ def _tie_aliases(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict
 
 def _build_model(config_dir: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The causal LM of ``config_dir/config.json`` with ``state`` loaded strictly (no random init)."""
-    # (importing this module imported disco_ds, which registered NormGPT with the Auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    import disco_ds.models  # noqa: F401  (registers NormGPT with the Auto classes)
 
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):  # shapes only: every tensor comes from the checkpoint

@@ -1,0 +1,106 @@
+"""``disco_ds prepare``: tokenize local text into training and validation token shards.
+
+Inputs are text files (one document each), directories (searched recursively for ``--glob``,
+default ``*.txt``, in sorted order; hidden entries and those matching ``--exclude`` are skipped),
+``.jsonl`` files (one document per line, the string field ``--text-field``), ``.parquet`` files
+(that column; needs ``pyarrow``) and Hugging Face ``datasets`` directories written by
+``save_to_disk`` (needs ``datasets``; the ``train`` split of a ``DatasetDict``). Every document is
+followed by the end-of-text token; empty documents are dropped. Document text is tokenized as plain
+text: a literal ``<|endoftext|>`` inside a document is not turned into the special token.
+
+Tokenizers (``--tokenizer``):
+
+* ``byte`` — UTF-8 bytes, ids 0..255, end-of-text 256 (vocabulary 257); needs no files.
+* ``bpe:N`` — a byte-level BPE of vocabulary ``N`` trained here on the input text with
+  ``tokenizers`` (special token ``<|endoftext|>``).
+* a path to a ``tokenizer.json`` (or a directory holding one), with ``--eot-token`` naming its
+  end-of-text token when it is not one of the usual names.
+* ``gpt2`` / ``gpt2:FILE`` — GPT-2's BPE through ``tiktoken``; offline it needs the encoding file
+  ``gpt2.tiktoken`` (= ``r50k_base.tiktoken``), given as ``FILE`` or found in
+  ``$TIKTOKEN_CACHE_DIR``.
+
+The output directory holds ``train_000000.bin, ...`` and ``val_000000.bin, ...`` (the shard format
+of :mod:`disco_ds.data.shards`), ``meta.json`` (written last: its presence marks a complete run) and
+``tokenizer/`` with Hugging Face tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
+``special_tokens_map.json``) that ``transformers.AutoTokenizer.from_pretrained`` loads offline.
+:func:`load_tokenizer` rebuilds the tokenizer from such a directory.
+
+Validation split: with ``--val-fraction f`` each document goes to validation independently with
+probability ``f``, drawn from ``--seed`` (so the split does not depend on the tokenizer), and at
+least one document does; with ``--val-tokens n`` the first documents, in input order, go to
+validation until it holds at least ``n`` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from disco_ds.data.prepare.tokenizers import ByteTokenizer, load_tokenizer, make_tokenizer
+from disco_ds.data.prepare.writer import prepare
+
+__all__ = [
+    "ByteTokenizer",
+    "make_tokenizer",
+    "load_tokenizer",
+    "prepare",
+    "add_arguments",
+    "main",
+]
+
+
+# =============================================================================================
+# CLI
+# =============================================================================================
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``prepare`` options to ``parser``."""
+    parser.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
+                        help="text/.jsonl/.parquet files, directories (searched with --glob), or "
+                             "Hugging Face save_to_disk directories")
+    parser.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--tokenizer", default="byte",
+                        help="byte | bpe:N | gpt2[:FILE.tiktoken] | path/to/tokenizer.json (default: byte)")
+    parser.add_argument("--glob", default="*.txt", help="file pattern inside input directories (default: *.txt)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
+                        help="skip directory entries whose name or relative path matches (e.g. site-packages test)")
+    parser.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/datasets (default: text)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="fraction of documents for validation, at least one (default: 0.01)")
+    parser.add_argument("--val-tokens", default=None,
+                        help="instead: the first documents until validation holds this many tokens (e.g. 1M)")
+    parser.add_argument("--shard-tokens", default="100M", help="tokens per shard (default: 100M)")
+    parser.add_argument("--max-bytes", default=None, help="stop after this much input text (e.g. 20MB)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split (default: 0)")
+    parser.add_argument("--eot-token", default=None, help="end-of-text token of a tokenizer.json")
+    parser.add_argument("--bpe-min-frequency", type=int, default=2, help="bpe:N training min pair frequency")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace train_/val_ shards in --out that prepare did not write")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary line")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``prepare`` from parsed arguments; returns the exit code (1 on a reported error)."""
+    try:
+        prepare(
+            args.input,
+            args.out,
+            args.tokenizer,
+            glob=args.glob,
+            exclude=args.exclude,
+            text_field=args.text_field,
+            val_fraction=args.val_fraction,
+            val_tokens=args.val_tokens,
+            shard_tokens=args.shard_tokens,
+            max_bytes=args.max_bytes,
+            seed=args.seed,
+            eot_token=args.eot_token,
+            bpe_min_frequency=args.bpe_min_frequency,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except (ValueError, OSError, ImportError) as e:
+        print(f"disco_ds prepare: error: {e}", file=sys.stderr)
+        return 1
+    return 0
