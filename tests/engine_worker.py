@@ -4,7 +4,7 @@
 
 For every job, in this one process: the run config of ``recipes/tiny.yaml`` with the job's stage,
 precision and gradient dtype, the engine built exactly as the trainer builds it
-(``disco_ds.trainer.loop.engine_config`` + ``build_engine``), then one optimizer step of two accumulated
+(``disco_ds.trainer.build.engine_config`` + ``build_engine``), then one optimizer step of two accumulated
 micro-batches. Rank 0 writes ``OUT/<job name>.pt`` with:
 
 * ``initial``: every parameter's full fp32 master weight before any step
@@ -35,7 +35,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from disco_ds.trainer.config import load_config
 from disco_ds.distributed import shutdown_and_exit
 from disco_ds.trainer.scaling import plan_run
-from disco_ds.trainer.loop import build_engine, build_model_config, communication_device, engine_config
+from disco_ds.trainer.build import build_engine, build_model_config, communication_device, engine_config
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO, SEQ, ACCUMULATION = 2, 32, 2

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArg
 
 from disco_ds import Scion, scion_param_groups
 from disco_ds.distributed import shutdown_and_exit
-from disco_ds.hf import OptimizerReplacedError, ScionFactory, ScionTrainer, ScionTrainingArguments, watch_for_replacement
+from disco_ds.hf import OptimizerReplacedError, ScionFactory, ScionTrainer, ScionTrainingArguments
 from disco_ds.models.norm_gpt import NormGPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,9 +113,7 @@ def make_trainer(route: str, model: torch.nn.Module, args: ScionTrainingArgument
         return ScionTrainer(scion_kwargs=SCION_EXACT, **kwargs)
     if route == "optimizers":
         optimizer = Scion(scion_param_groups(model, lr, ns_method="svd"), comm_dtype=torch.float32)
-        # Scion arms the watch itself once disco_ds/optim/scion.py calls it from Scion.__init__; the
-        # call is idempotent.
-        watch_for_replacement(optimizer)
+        # No explicit watch: Scion.__init__ arms it, and that is what this route proves.
         trainer = Trainer(optimizers=(optimizer, None), **kwargs)
         trainer.discarded = optimizer
         return trainer

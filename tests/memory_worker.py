@@ -24,6 +24,7 @@ def main() -> None:
     import deepspeed
 
     from disco_ds.trainer import loop as trainer
+    from disco_ds.trainer.build import build_engine, communication_device, engine_config
     from disco_ds.trainer.config import load_config
     from disco_ds.trainer.memory import recipe_model
     from disco_ds.trainer.scaling import plan_run
@@ -33,12 +34,12 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     plan = plan_run(cfg, 1)
     model_config = recipe_model(cfg)
-    ds_config = trainer.engine_config(cfg, plan, model_config)
-    device = trainer.communication_device()
+    ds_config = engine_config(cfg, plan, model_config)
+    device = communication_device()
     generator = torch.Generator().manual_seed(0)
     # Everything the run allocates happens inside the profile, so the timeline knows every tensor.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        engine, _ = trainer.build_engine(cfg, model_config, plan, ds_config, device)
+        engine, _ = build_engine(cfg, model_config, plan, ds_config, device)
         for _ in range(2):
             window = torch.randint(0, model_config.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len + 1), generator=generator)
             loss = trainer._loss(engine, window[:, :-1], window[:, 1:], None)

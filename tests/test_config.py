@@ -14,7 +14,7 @@ import pytest
 from disco_ds.trainer.config import ConfigError, load_config
 from disco_ds.trainer.scaling import plan_run
 from disco_ds.trainer.schedule import wsd_factor
-from disco_ds.trainer.loop import deepspeed_config
+from disco_ds.trainer.build import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

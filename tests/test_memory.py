@@ -21,7 +21,7 @@ from launching import worker_env
 from disco_ds.trainer.config import load_config
 from disco_ds.trainer.memory import estimate_memory, recipe_model
 from disco_ds.trainer.scaling import plan_run
-from disco_ds.trainer.loop import engine_config
+from disco_ds.trainer.build import engine_config
 
 REPO = Path(__file__).resolve().parents[1]
 

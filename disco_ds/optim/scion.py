@@ -128,9 +128,7 @@ class Scion(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # Refuse to be silently discarded (the Hugging Face Trainer under DeepSpeed drops
         # Trainer(optimizers=(Scion(...), ...))): at the first backward, check that DeepSpeed steps
-        # this optimizer. Late import: disco_ds.hf imports this module.
-        from disco_ds.hf import watch_for_replacement
-
+        # this optimizer.
         watch_for_replacement(self)
 
     # ---------------------------------------------------------------- validation

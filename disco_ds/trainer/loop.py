@@ -9,7 +9,6 @@ follows the WSD schedule times its role's peak; the SPEC 4 norms come from insid
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import math
 import os
@@ -28,39 +27,21 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 
 from disco_ds.trainer.checkpoint import PORTABLE, load_checkpoint, save_checkpoint, select_checkpoint
+from disco_ds.trainer.build import build_engine, build_model_config, communication_device, engine_config
 from disco_ds.trainer.config import ConfigError, RunConfig, to_dict
 from disco_ds.data import TokenStream, document_positions, eval_batches
-from disco_ds.integrations.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, lookup, resolve_auto
 from disco_ds.trainer.evaluation import eval_sample, readable_metrics
 from disco_ds.trainer.guidance import NormGuide, reachable_norm
 from disco_ds.trainer.metrics import OUTPUT_NORM, RUN_LOG, MetricsLogger, RunLog, flops_per_token, memory_gib
 from disco_ds.optim import Scion
-from disco_ds.optim.param_groups import classify_parameters, scion_param_groups
 from disco_ds.integrations.reshard import load_portable, save_portable
 from disco_ds.trainer.resume import plan_resume, run_record
-from disco_ds.distributed.tensor_parallel import autotp_config
 from disco_ds.trainer.preflight import DataCheck, check_data, check_resume, check_sampling, check_vocabulary, check_windows
 from disco_ds.trainer.scaling import Plan, data_parallel_size, format_plan, plan_run
 from disco_ds.trainer.schedule import wsd_factor
 from disco_ds.models.norm_gpt.configuration_norm_gpt import NormGPTConfig
-from disco_ds.models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
 
-__all__ = ["train", "Diverged", "NonFiniteLoss", "default_max_loss", "deepspeed_config", "engine_config", "build_model_config", "build_model",
-           "build_engine", "communication_device"]
-
-# Keys of the DeepSpeed config that the recipe owns, with the recipe keys that set them: a user JSON
-# may leave them out, set them to "auto" or repeat the recipe's value, never contradict it.
-OWNED_KEYS = {
-    "train_batch_size": "train.micro_batch / train.global_batch_tokens",
-    "train_micro_batch_size_per_gpu": "train.micro_batch",
-    "gradient_accumulation_steps": "train.micro_batch / train.global_batch_tokens",
-    "zero_optimization.stage": "train.zero_stage",
-    "bf16.enabled": "train.bf16",
-    "fp16.enabled": "train.bf16 (the trainer runs bf16 or fp32)",
-    "data_types.grad_accum_dtype": "train.grad_dtype",
-    "communication_data_type": "train.grad_dtype",
-}
-_MISSING = object()
+__all__ = ["train", "Diverged", "NonFiniteLoss", "default_max_loss"]
 
 
 class Diverged(RuntimeError):
@@ -81,158 +62,6 @@ def default_max_loss(vocab_size: int) -> float:
 def _rank0_print(rank: int) -> Callable[[str], None]:
     """``print`` on rank 0 (flushed: the launcher interleaves the ranks' output), nothing elsewhere."""
     return (lambda message: print(message, flush=True)) if rank == 0 else (lambda _message: None)
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
-    """The engine's config, generated from the recipe: no optimizer section (the optimizer is our
-    object), clipping off (SPEC 3: Scion's LMO is scale-invariant and the paper trains without
-    clipping), gradients accumulated and reduced in ``train.grad_dtype``, then the keys of
-    ``train.deepspeed`` (a JSON file) on top.
-
-    The JSON may be one of the Hugging Face templates in ``recipes/deepspeed/``: its ``"auto"``
-    values take the recipe's (batch sizes, precision) or DeepSpeed's defaults (bucket sizes), see
-    :func:`~disco_ds.integrations.deepspeed_config.resolve_auto`.
-
-    Raises:
-        FileNotFoundError: ``train.deepspeed`` does not exist.
-        ValueError: the JSON contradicts a key the recipe owns (naming both), or the config would
-            not run Scion (:func:`~disco_ds.integrations.deepspeed_config.check_deepspeed_config`).
-    """
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation,
-        "train_batch_size": plan.micro_batch * plan.accumulation * plan.world_size,
-        "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": cfg.train.bf16},
-        "fp16": {"enabled": False},
-        **gradient_dtype_keys(cfg.train.grad_dtype),
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.train.deepspeed:
-        path = Path(cfg.train.deepspeed)
-        if not path.is_file():
-            raise FileNotFoundError(f"train.deepspeed: {path} does not exist")
-        user = resolve_auto(json.loads(path.read_text()), config)
-        for key, owner in OWNED_KEYS.items():
-            theirs, ours = lookup(user, key, _MISSING), lookup(config, key, _MISSING)
-            if theirs is not _MISSING and theirs != ours:
-                raise ValueError(f"{path}: {key}={theirs!r} contradicts the recipe's plan ({ours!r}); "
-                                 f"set {owner} in the recipe instead (or \"auto\" in the JSON)")
-        config = _merge(config, user)
-    if cfg.optimizer.name == "scion":
-        check_deepspeed_config(config)
-    return config
-
-
-def engine_config(cfg: RunConfig, plan: Plan, model_config: NormGPTConfig) -> dict[str, Any]:
-    """:func:`deepspeed_config` plus what tensor parallelism adds: the config the trainer's engine gets."""
-    config = deepspeed_config(cfg, plan)
-    if cfg.train.tp_size > 1:
-        config["tensor_parallel"] = autotp_config(model_config, cfg.train.tp_size)
-        # DeepSpeed 0.19.8 checks train_batch_size against micro × accumulation × *all* ranks before
-        # AutoTP forms its groups; left out, it is derived. The plan counts replicas only.
-        config.pop("train_batch_size", None)
-    return config
-
-
-def build_model_config(cfg: RunConfig, meta: dict[str, Any]) -> NormGPTConfig:
-    """The NormGPT config: the preset, the recipe's overrides, and a vocabulary that covers the
-    data's tokenizer (rounded up to a multiple of 64 unless the recipe fixes ``vocab_size``)."""
-    overrides = dict(cfg.model.overrides)
-    data_vocab = int(meta["vocab_size"])
-    overrides.setdefault("vocab_size", 64 * math.ceil(data_vocab / 64))
-    if overrides["vocab_size"] < data_vocab:
-        raise ValueError(f"model.overrides.vocab_size={overrides['vocab_size']} is smaller than the data's vocabulary ({data_vocab})")
-    return NormGPTConfig.from_preset(cfg.model.preset, **overrides)
-
-
-def _build_optimizer(cfg: RunConfig, model: torch.nn.Module, plan: Plan) -> torch.optim.Optimizer:
-    o = cfg.optimizer
-    if o.name == "scion":
-        groups = scion_param_groups(model, lr=plan.lr, lr_ratios=tuple(o.lr_ratios), vector_lr_ratio=o.vector_lr_ratio,
-                                    momentum=o.momentum, weight_decay=o.weight_decay, ns_steps=o.ns_steps, ns_method=o.ns_method)
-        return Scion(groups, comm_dtype=getattr(torch, o.comm_dtype))
-    # AdamW, the paper's baseline: the same roles and per-role peak rates, the same schedule.
-    by_role: dict[str, list[torch.nn.Parameter]] = {}
-    for _, (role, p) in classify_parameters(model).items():
-        by_role.setdefault(role, []).append(p)
-    groups = [{"params": ps, "role": role, "lr": plan.group_lrs[role]} for role, ps in by_role.items()]
-    return torch.optim.AdamW(groups, betas=tuple(o.adamw_betas), eps=o.adamw_eps, weight_decay=o.weight_decay)
-
-
-def communication_device() -> torch.device:
-    """This rank's accelerator (the CPU on a CPU-only machine), made current: the device of the
-    engine, of every tensor the trainer hands to a collective and of the model's initialisation."""
-    accelerator = get_accelerator()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    accelerator.set_device(local_rank)
-    return torch.device(accelerator.device_name(local_rank))
-
-
-def _initialise_weights(model: NormGPTForCausalLM, seed: int) -> None:
-    """NormGPT's own init (``_init_weights``: the Scion geometry), module by module, from the
-    generators reseeded with ``seed``. A ZeRO-3 weight is gathered whole around its init and rank
-    0's values are partitioned back; every rank draws the same numbers, so the generators stay in
-    step across ranks."""
-    torch.manual_seed(seed)
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.nn.Parameter):
-            continue
-        gathered = (deepspeed.zero.GatheredParameters([weight], modifier_rank=0) if hasattr(weight, "ds_id")
-                    else contextlib.nullcontext())
-        with gathered:
-            model._init_weights(module)
-
-
-def build_model(cfg: RunConfig, model_config: NormGPTConfig, ds_config: dict[str, Any],
-                device: torch.device) -> NormGPTForCausalLM:
-    """The NormGPT the engine trains, with the same initial weights bit for bit at every ZeRO stage.
-
-    ZeRO-3 builds the model inside ``deepspeed.zero.Init``, where each parameter is already an
-    empty partition when the model's ``post_init`` runs: Hugging Face's init sees nothing to
-    initialise. Stages 0–2 build it on the meta device (no init at all, nothing allocated twice)
-    and allocate it on ``device``. Either way the init then runs here on whole weights on
-    ``device``, from generators reseeded with ``train.seed``, so the weights depend on the seed
-    and the device type only, not on what construction drew from the global generator.
-    """
-    if cfg.train.zero_stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = NormGPTForCausalLM(model_config)
-    else:
-        with torch.device("meta"):
-            model = NormGPTForCausalLM(model_config)
-        model.to_empty(device=device)
-    _initialise_weights(model, cfg.train.seed)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
-
-
-def build_engine(cfg: RunConfig, model_config: NormGPTConfig, plan: Plan, ds_config: dict[str, Any],
-                 device: torch.device, phase_done: Callable[[str], None] | None = None) -> tuple[Any, torch.optim.Optimizer]:
-    """``(engine, optimizer)``: the DeepSpeed engine around :func:`build_model`'s model and our
-    optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it). ``phase_done`` is called
-    with the name of each finished phase (model built, engine ready)."""
-    phase_done = phase_done or (lambda _phase: None)
-    model = build_model(cfg, model_config, ds_config, device)
-    phase_done("model built")
-    # DeepSpeed gets a factory it calls once the model is final: AutoTP replaces the weights by
-    # their shards inside deepspeed.initialize, and the optimizer must hold what is stepped.
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           optimizer=lambda _params: _build_optimizer(cfg, model, plan))
-    phase_done("engine ready")
-    return engine, engine.basic_optimizer
 
 
 def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

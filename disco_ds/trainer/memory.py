@@ -145,7 +145,7 @@ def estimate_memory(cfg: RunConfig, plan: Plan, model_config: Any, ds_config: di
 def recipe_model(cfg: RunConfig) -> Any:
     """The NormGPT config ``train`` would build: the data's vocabulary when ``data.path`` holds a
     ``meta.json`` here, else the preset's (``model.overrides.vocab_size`` wins either way)."""
-    from disco_ds.trainer.loop import build_model_config
+    from disco_ds.trainer.build import build_model_config
     from disco_ds.models.norm_gpt.configuration_norm_gpt import PRESETS
 
     meta_path = Path(cfg.data.path) / "meta.json"
@@ -166,7 +166,7 @@ def gib(size: float) -> str:
 
 def format_memory(cfg: RunConfig, plan: Plan, world: int) -> str:
     """The parameter counts and the per-GPU estimate as ``disco_ds recipe`` prints them."""
-    from disco_ds.trainer.loop import engine_config
+    from disco_ds.trainer.build import engine_config
 
     model_config = recipe_model(cfg)
     try:
