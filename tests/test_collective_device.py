@@ -9,12 +9,19 @@ tensor on the host: ``.cpu()``, a ``"cpu"`` device literal (``torch.device("cpu"
 ``torch.tensor``, ...; the ``*_like`` factories inherit their input's device and are fine). Host
 copies for files belong in helpers that no collective follows.
 
+The package is read recursively (``disco_ds/**/*.py``, and the folders ``pyproject.toml`` installs
+under ``disco_ds``, such as ``models/`` as ``disco_ds.models``); modules are keyed by their dotted
+path inside it ("distributed.exchange", a package's ``__init__`` by the package's: "distributed").
 Calls are resolved statically: plain names through enclosing functions, the module's own
-definitions and ``from disco_ds... import``; ``module.f`` through imported package modules;
-``obj.f`` through the receiver's package class where the source names it (``self``, ``super()``,
-an annotated parameter, ``x = Class(...)``, ``self.attr = Class(...)`` or a typed field), including
-overrides in subclasses; and otherwise to every package method named ``f``, unless ``f`` is a
-method of tensors, containers or files (``x.read()`` on an unknown ``x`` is a file's).
+definitions and ``from disco_ds... import`` (absolute or relative); ``module.f`` through imported
+package modules (``import disco_ds.a.b as m``, ``from disco_ds.a import b``); imported names are
+followed through re-exports (a package ``__init__``, a ``from X import *`` facade) to where they are
+defined; ``obj.f`` through the receiver's package class where the source names it (``self``,
+``super()``, an annotated parameter or local, ``x = Class(...)``, ``self.attr = Class(...)``, a
+typed field, or ``x = f(...)`` / ``self.attr = f(...)`` with ``f`` a package function or method
+whose return annotation names the class), including overrides in subclasses; and otherwise to every
+package method named ``f``, unless ``f`` is a method of tensors, containers or files (``x.read()``
+on an unknown ``x`` is a file's).
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from __future__ import annotations
 import ast
 import io
 import textwrap
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-PACKAGE = Path(__file__).resolve().parents[1] / "disco_ds"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "disco_ds"
 
 COLLECTIVES = frozenset({
     "all_reduce", "all_reduce_coalesced", "all_to_all", "all_to_all_single", "all_gather", "all_gather_into_tensor",
@@ -72,8 +81,11 @@ class _Function:
 @dataclass
 class _Class:
     key: str  # module.Class
+    module: str  # the module's key (module keys are dotted: "distributed.providers")
     bases: list[ast.expr]
-    attributes: dict[str, ast.expr] = field(default_factory=dict)  # self.attr -> annotation or constructor call
+    # self.attr -> what is assigned to it: (annotation, None) for a typed field or ``self.attr: X``,
+    # (value, the function assigning it) for ``self.attr = value``; every assignment is kept
+    attributes: dict[str, list[tuple[ast.expr, _Function | None]]] = field(default_factory=dict)
     methods: dict[str, str] = field(default_factory=dict)  # name -> function key
 
 
@@ -89,13 +101,20 @@ def _dotted(node: ast.AST) -> str | None:
 
 
 class _Module:
-    """One module's definitions and import aliases."""
+    """One module's definitions and import aliases.
 
-    def __init__(self, name: str, tree: ast.Module, package: str) -> None:
+    ``name`` is the module's key: its dotted path inside the package ("distributed.exchange"), the
+    package path for a package's ``__init__`` ("distributed"), and "__init__" for the package's own
+    ``__init__``. ``full`` is its importable name ("disco_ds.distributed.exchange")."""
+
+    def __init__(self, name: str, tree: ast.Module, package: str, is_package: bool) -> None:
         self.name = name
+        self.full = package if name == "__init__" else f"{package}.{name}"
         self.functions: dict[str, _Function] = {}
         self.classes: dict[str, _Class] = {}
         self.aliases: dict[str, str] = {}  # local name -> dotted target ("torch.distributed", "disco_ds.x.f")
+        self.stars: list[str] = []  # modules imported with ``from X import *``
+        parent = self.full if is_package else self.full.rpartition(".")[0]  # what ``from . import`` means
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for a in node.names:
@@ -103,34 +122,41 @@ class _Module:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = f"{package}.{base}" if base else package
+                    anchor = parent
+                    for _ in range(node.level - 1):
+                        anchor = anchor.rpartition(".")[0]
+                    base = f"{anchor}.{base}" if base else anchor
                 for a in node.names:
-                    self.aliases[a.asname or a.name] = f"{base}.{a.name}"
+                    if a.name == "*":
+                        self.stars.append(base)
+                    else:
+                        self.aliases[a.asname or a.name] = f"{base}.{a.name}"
         self._collect(tree.body, prefix="", cls=None, enclosing=[])
 
     def _collect(self, body: list[ast.stmt], prefix: str, cls: _Class | None, enclosing: list[str]) -> None:
         for node in body:
             if isinstance(node, ast.ClassDef):
-                c = _Class(f"{self.name}.{prefix}{node.name}", list(node.bases))
+                c = _Class(f"{self.name}.{prefix}{node.name}", self.name, list(node.bases))
                 self.classes[f"{prefix}{node.name}"] = c
                 for item in node.body:  # dataclass-style fields
                     if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
-                        c.attributes[item.target.id] = item.annotation
+                        c.attributes.setdefault(item.target.id, []).append((item.annotation, None))
                 self._collect(node.body, f"{prefix}{node.name}.", c, enclosing)
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 qualname = f"{prefix}{node.name}"
-                self.functions[qualname] = _Function(self.name, qualname, node, cls.key if cls else None, list(enclosing))
+                fn = _Function(self.name, qualname, node, cls.key if cls else None, list(enclosing))
+                self.functions[qualname] = fn
                 if cls is not None and not enclosing:
                     cls.methods[node.name] = f"{self.name}.{qualname}"
                 if cls is not None:
-                    for sub in ast.walk(node):  # self.attr = Cls(...) / self.attr: Cls
-                        target, value = None, None
-                        if isinstance(sub, ast.Assign) and len(sub.targets) == 1:
-                            target, value = sub.targets[0], sub.value
+                    for sub in ast.walk(node):  # self.attr = value / self.attr: Cls
+                        if isinstance(sub, ast.Assign):
+                            for target in sub.targets:
+                                if isinstance(target, ast.Attribute) and _dotted(target.value) == "self":
+                                    cls.attributes.setdefault(target.attr, []).append((sub.value, fn))
                         elif isinstance(sub, ast.AnnAssign):
-                            target, value = sub.target, sub.annotation
-                        if isinstance(target, ast.Attribute) and _dotted(target.value) == "self":
-                            cls.attributes.setdefault(target.attr, value)
+                            if isinstance(sub.target, ast.Attribute) and _dotted(sub.target.value) == "self":
+                                cls.attributes.setdefault(sub.target.attr, []).append((sub.annotation, None))
                 self._collect(node.body, f"{qualname}.", cls, [*enclosing, qualname])
 
     def resolve(self, dotted: str) -> str:
@@ -157,20 +183,39 @@ def _is_cpu(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.split(":")[0] == "cpu"
 
 
+def _module_names(keys: list[str]) -> dict[str, tuple[str, bool]]:
+    """Source key -> (module key, whether it is a package). A package's ``__init__`` may be given
+    as "pkg.__init__" or as "pkg"; "__init__" is the package itself. A key that prefixes another
+    ("pkg" next to "pkg.mod") is a package too."""
+    names = {}
+    for key in keys:
+        if key != "__init__" and key.endswith(".__init__"):
+            names[key] = (key[: -len(".__init__")], True)
+        else:
+            names[key] = (key, key == "__init__")
+    plain = {name for name, _ in names.values()}
+    return {key: (name, is_package or any(other.startswith(f"{name}.") for other in plain))
+            for key, (name, is_package) in names.items()}
+
+
 class _Graph:
     """The package's functions, classes and call edges."""
 
     def __init__(self, sources: dict[str, str], package: str) -> None:
         self.package = package
-        self.modules = {name: _Module(name, ast.parse(textwrap.dedent(src)), package) for name, src in sources.items()}
+        self.modules: dict[str, _Module] = {}
+        for key, (name, is_package) in _module_names(list(sources)).items():
+            self.modules[name] = _Module(name, ast.parse(textwrap.dedent(sources[key])), package, is_package)
+        self.by_full = {m.full: m.name for m in self.modules.values()}  # "disco_ds.a.b" -> "a.b"
         self.functions = {f"{m.name}.{q}": f for m in self.modules.values() for q, f in m.functions.items()}
         self.classes = {c.key: c for m in self.modules.values() for c in m.classes.values()}
         self.by_name: dict[str, set[str]] = {}
         for c in self.classes.values():
             for name, key in c.methods.items():
                 self.by_name.setdefault(name, set()).add(key)
-        self.parents = {c.key: {b for base in c.bases for b in self.class_of(base, self.modules[c.key.split(".")[0]])}
+        self.parents = {c.key: {b for base in c.bases for b in self.class_of(base, self.modules[c.module])}
                         for c in self.classes.values()}
+        self._resolving: set[int] = set()  # calls whose result type is being inferred (breaks cycles)
         for mod in self.modules.values():
             for fn in mod.functions.values():
                 for node in _own_nodes(fn.node):
@@ -204,15 +249,31 @@ class _Graph:
         key = self.package_key(module.resolve(dotted))
         return {key} if key in self.classes else set()
 
-    def package_key(self, target: str) -> str | None:
-        """``package.module.name`` -> ``module.name`` (following re-exports of the package's __init__)."""
-        if not target.startswith(f"{self.package}."):
-            return None
-        key = target[len(self.package) + 1 :]
-        init = self.modules.get("__init__")
-        if "." not in key and init is not None and key in init.aliases:
-            return self.package_key(init.aliases[key])
-        return key
+    def package_key(self, target: str, seen: frozenset[tuple[str, str]] = frozenset()) -> str | None:
+        """``disco_ds.a.b.name`` -> ``a.b.name``: the key of a package module, or of what it defines,
+        following imports (re-exports of a package's ``__init__``, ``from X import *`` facades) to
+        where the name is defined. None when ``target`` is not in the package."""
+        parts = target.split(".")
+        for i in range(len(parts), 0, -1):
+            name = self.by_full.get(".".join(parts[:i]))
+            if name is not None:
+                return self._member_key(name, parts[i:], seen)
+        return None
+
+    def _member_key(self, name: str, rest: list[str], seen: frozenset[tuple[str, str]]) -> str | None:
+        if not rest:
+            return name
+        module, head, tail = self.modules[name], rest[0], ".".join(rest[1:])
+        if head not in module.functions and head not in module.classes and (name, head) not in seen:
+            seen = seen | {(name, head)}
+            if head in module.aliases:  # imported here: what it names
+                target = module.aliases[head]
+                return self.package_key(f"{target}.{tail}" if tail else target, seen)
+            for star in module.stars:
+                key = self.package_key(f"{star}.{'.'.join(rest)}", seen)
+                if key is not None and (key in self.functions or key in self.classes or key in self.modules):
+                    return key
+        return f"{name}.{'.'.join(rest)}"
 
     def callable_targets(self, key: str | None) -> set[str]:
         if key in self.functions:
@@ -244,33 +305,60 @@ class _Graph:
                         if cls in self.ancestors(c) and name in self.classes[c].methods}
         return out
 
+    def value_classes(self, module: _Module, fn: _Function, value: ast.expr) -> set[str]:
+        """Package classes of an assigned value: a constructor call ``X(...)``, or a call of package
+        functions or methods whose return annotation names package classes (``-> X | None``)."""
+        if not isinstance(value, ast.Call):
+            return self.class_of(value, module)
+        found = self.class_of(value, module)
+        if found or id(value) in self._resolving:
+            return found
+        self._resolving.add(id(value))
+        try:
+            for key in self.targets(module, fn, value)[1]:
+                callee = self.functions[key]
+                if callee.node.name != "__init__":
+                    found |= self.class_of(callee.node.returns, self.modules[callee.module])
+        finally:
+            self._resolving.discard(id(value))
+        return found
+
     def receiver(self, module: _Module, fn: _Function, node: ast.expr) -> set[str] | None:
         """Package classes of a call's receiver; None when unknown."""
         if isinstance(node, ast.Name) and node.id in ("self", "cls") and fn.cls is not None:
             return {fn.cls}
         if isinstance(node, ast.Name):
-            scopes = [self.functions[f"{module.name}.{q}"].node for q in fn.enclosing] + [fn.node]
+            scopes = [self.functions[f"{module.name}.{q}"] for q in fn.enclosing] + [fn]
             for scope in reversed(scopes):
-                args = scope.args
+                args = scope.node.args
                 for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
                     if a.arg == node.id and a.annotation is not None:
                         return self.class_of(a.annotation, module) or None
-                for sub in _own_nodes(scope):
-                    if isinstance(sub, ast.Assign) and any(isinstance(t, ast.Name) and t.id == node.id for t in sub.targets):
-                        found = self.class_of(sub.value, module) if isinstance(sub.value, ast.Call) else set()
-                        if found:
-                            return found
+                found: set[str] = set()
+                for sub in _own_nodes(scope.node):
+                    if isinstance(sub, ast.Assign) and isinstance(sub.value, ast.Call) and \
+                            any(isinstance(t, ast.Name) and t.id == node.id for t in sub.targets):
+                        found |= self.value_classes(module, scope, sub.value)
+                    elif isinstance(sub, ast.AnnAssign) and isinstance(sub.target, ast.Name) and \
+                            sub.target.id == node.id:
+                        found |= self.class_of(sub.annotation, module)
+                if found:
+                    return found
             return None
         if isinstance(node, ast.Attribute):
             owners = self.receiver(module, fn, node.value)
             if not owners:
                 return None
-            found: set[str] = set()
+            found = set()
             for cls in owners:
                 for c in self.ancestors(cls):
-                    expr = self.classes[c].attributes.get(node.attr)
-                    if expr is not None:
-                        found |= self.class_of(expr, self.modules[c.split(".")[0]])
+                    assigned = self.classes[c].attributes.get(node.attr)
+                    if assigned:
+                        for expr, where in assigned:
+                            if where is None:
+                                found |= self.class_of(expr, self.modules[self.classes[c].module])
+                            else:
+                                found |= self.value_classes(self.modules[where.module], where, expr)
                         break
             return found or None
         return None
@@ -299,11 +387,13 @@ class _Graph:
             target = module.resolve(dotted)
             if target in DIST_MODULES:
                 return func.attr in COLLECTIVES, set()
-            key = self.package_key(f"{target}.{func.attr}")
-            if key is not None and key.split(".")[0] in self.modules and dotted.split(".")[0] in module.aliases:
-                return False, self.callable_targets(key) | self.methods_of(self.class_of(func.value, module), func.attr, False)
-            if dotted.split(".")[0] in module.aliases and f"{module.name}.{dotted}" not in self.classes:
-                return False, set()  # another library's module or object (torch.x, math.y)
+            if dotted.split(".")[0] in module.aliases:
+                key = self.package_key(f"{target}.{func.attr}")
+                if key is not None:  # a package module's function, or a package class's method
+                    owners = self.class_of(func.value, module)
+                    return False, self.callable_targets(key) | self.methods_of(owners, func.attr, ancestors_only=False)
+                if f"{module.name}.{dotted}" not in self.classes:
+                    return False, set()  # another library's module or object (torch.x, math.y)
         owners = self.receiver(module, fn, func.value)
         if owners is None:
             owners = self.class_of(func.value, module)  # Class.method(...)
@@ -316,7 +406,8 @@ class _Graph:
 
 def find_violations(sources: dict[str, str], package: str = "disco_ds") -> list[str]:
     """``module.function:line: what`` for every breach of the rule in ``sources`` (module name ->
-    source text, module names relative to ``package``)."""
+    source text, module names dotted and relative to ``package``: "a.b" for ``package/a/b.py``,
+    "a.__init__" or "a" for ``package/a/__init__.py``, "__init__" for the package's own)."""
     graph = _Graph(sources, package)
     problems = []
     for key in sorted(reaching_collectives(sources, package, graph)):
@@ -366,8 +457,30 @@ def _host_tensor(module: _Module, call: ast.Call) -> str | None:
     return None
 
 
+def _package_folders() -> list[tuple[str, Path]]:
+    """(module key prefix, folder) of every folder the package installs from: ``disco_ds/`` and
+    each ``[tool.setuptools.package-dir]`` entry of ``pyproject.toml`` under ``disco_ds`` (the
+    model, ``models/`` installed as ``disco_ds.models``)."""
+    folders = [("", PACKAGE)]
+    pyproject = ROOT / "pyproject.toml"
+    if pyproject.exists():
+        mapped = tomllib.loads(pyproject.read_text()).get("tool", {}).get("setuptools", {}).get("package-dir", {})
+        for name, folder in sorted(mapped.items()):
+            if name.startswith(f"{PACKAGE.name}."):
+                folders.append((name[len(PACKAGE.name) + 1 :], ROOT / folder))
+    return folders
+
+
 def _package_sources() -> dict[str, str]:
-    return {path.stem: path.read_text() for path in sorted(PACKAGE.glob("*.py"))}
+    """Every module of the package, recursively, keyed by its dotted path inside it
+    ("distributed.exchange"; a package's ``__init__`` as "distributed.__init__", the package's own
+    as "__init__")."""
+    sources = {}
+    for prefix, folder in _package_folders():
+        for path in sorted(folder.rglob("*.py")):
+            parts = [*(prefix.split(".") if prefix else []), *path.relative_to(folder).with_suffix("").parts]
+            sources[".".join(parts)] = path.read_text()
+    return sources
 
 
 # ---------------------------------------------------------------------------- the package
@@ -381,12 +494,27 @@ def test_every_tensor_entering_a_collective_is_built_on_the_communication_device
 def test_the_package_has_collectives_to_check() -> None:
     """The checker sees the package's collectives at all (guards against a silently empty check)."""
     reaching = reaching_collectives(_package_sources())
-    for key in ("distributed._sum_over_ranks", "distributed._matrix_lmo", "distributed._separable_lmo",
-                "distributed.matrix_products", "distributed.raise_if_any_failed", "monitor.NormMonitor.measure",
-                "optim.Scion.step", "optim.Scion._skip_first_call", "optim.Scion._flat_layout",
-                "reshard.save_portable", "tensor_parallel.lift_layout", "tensor_parallel.gather_tp_shards",
-                "train._evaluate", "train.train"):
+    for key in ("distributed.exchange._sum_over_ranks", "distributed.exchange._matrix_lmo",
+                "distributed.exchange._separable_lmo", "distributed.exchange.matrix_products",
+                "distributed.agreement.raise_if_any_failed", "optim.monitor.NormMonitor.measure",
+                "optim.scion.Scion.step", "distributed.providers.ReplicatedProvider._skip_first_call",
+                "distributed.providers._FlatPartitionProvider.place", "integrations.reshard.save_portable",
+                "distributed.tensor_parallel.lift_layout", "distributed.tensor_parallel.gather_tp_shards",
+                "trainer.loop._evaluate", "trainer.loop.train"):
         assert key in reaching, key
+
+
+def test_scion_step_reaches_the_collectives_of_every_provider() -> None:
+    """``Scion.step`` calls ``provider.place(...)`` on ``provider = self._provider_for(...)``, typed
+    ``-> LayoutProvider``: the call resolves to every provider's override."""
+    graph = _Graph(_package_sources(), "disco_ds")
+    calls = graph.functions["optim.scion.Scion.step"].calls
+    for key in ("distributed.providers.ReplicatedProvider.place", "distributed.providers._FlatPartitionProvider.place",
+                "distributed.providers.TensorParallelProvider.place"):
+        assert key in calls, (key, sorted(calls))
+    reaching = reaching_collectives({}, graph=graph)
+    assert {"distributed.providers.ReplicatedProvider.place", "distributed.providers._FlatPartitionProvider.place",
+            "distributed.providers.TensorParallelProvider.place"} <= reaching
 
 
 # ---------------------------------------------------------------------------- the checker can fail
@@ -465,6 +593,108 @@ def test_checker_flags_each_kind_of_breach() -> None:
     for what in (".cpu()", 'device="cpu"', '.to("cpu")', 'torch.device("cpu")', "torch.zeros(...) without device=",
                  "torch.tensor(...) without device=", "torch.from_numpy"):
         assert what in kinds, (what, problems)
+
+
+BAD_PACKAGE = {
+    "net.__init__": """
+        from disco_ds.net.comm import all_sum
+    """,
+    "net.comm": """
+        import torch.distributed as dist
+
+        def all_sum(t):
+            dist.all_reduce(t)
+            return t
+    """,
+    "net.channels": """
+        from .comm import all_sum
+
+        class Channel:
+            def read(self, t):
+                return t
+
+        class LoudChannel(Channel):
+            def read(self, t):
+                return all_sum(t)
+
+        def open_channel() -> "Channel":
+            return LoudChannel()
+    """,
+    "facade": """
+        from disco_ds.net.channels import *
+    """,
+    "user.__init__": "",
+    "user.helpers": """
+        from ..net.comm import all_sum
+
+        def reduce(t):
+            return all_sum(t)
+    """,
+    "user.calls": """
+        import torch
+        import disco_ds.net.comm as m
+        from disco_ds import net
+        from disco_ds.net import all_sum
+        from disco_ds.facade import Channel, open_channel
+        from ..net import comm
+        from . import helpers
+
+        def reexported(x):
+            return all_sum(torch.zeros(2))
+
+        def module_alias(x):
+            return m.all_sum(torch.ones(2))
+
+        def package_attribute(x):
+            return net.comm.all_sum(x.cpu())
+
+        def relative(x):
+            return comm.all_sum(torch.tensor([1.0]))
+
+        def relative_sibling(x):
+            return helpers.reduce(torch.empty(3))
+
+        def returned(x):
+            ch = open_channel()
+            return ch.read(torch.zeros(3))
+
+        def annotated_local(x, make):
+            ch: "Channel | None" = make()
+            return ch.read(torch.ones(2))
+
+        class Holder:
+            def __init__(self):
+                self.channel = open_channel()
+
+            def via_attribute(self, x):
+                return self.channel.read(torch.arange(3))
+
+        class Quiet:
+            def read(self, t):
+                return t
+
+        def open_quiet() -> Quiet:
+            return Quiet()
+
+        def quiet(x):
+            q = open_quiet()
+            return q.read(torch.zeros(3))
+
+        def fine(x):
+            return all_sum(torch.zeros(2, device=x.device))
+    """,
+}
+"""Subpackages: re-exports through a package ``__init__``, a ``from X import *`` facade, ``import
+a.b as m``, ``from pkg import mod`` then ``mod.sub.f``, relative imports, and receivers typed by the
+return annotation of the call that made them (``-> Channel`` covers ``LoudChannel``'s override)."""
+
+
+def test_checker_follows_subpackages_reexports_and_return_annotations() -> None:
+    problems = find_violations(BAD_PACKAGE)
+    flagged = {p.split(":")[0] for p in problems}
+    assert flagged == {"user.calls.reexported", "user.calls.module_alias", "user.calls.package_attribute",
+                       "user.calls.relative", "user.calls.relative_sibling", "user.calls.returned",
+                       "user.calls.annotated_local", "user.calls.Holder.via_attribute"}, problems
 
 
 def test_checker_flags_the_known_offenders_before_their_fix() -> None:

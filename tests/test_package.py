@@ -378,3 +378,46 @@ def test_core_imports_point_down() -> None:
         package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
         problems += core_violations(path.read_text(), rel, package, math_only=rel in MATH_MODULES)
     assert not problems, "forbidden imports in disco_ds/optim or disco_ds/distributed:\n" + "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------- 4. the README's layout table
+
+
+def layout_rows(readme: str) -> list[list[str]]:
+    """The paths of each row of the README's ``## Layout`` table, resolved to repository paths.
+
+    A row's first cell names paths in backticks; a bare name after a full path is a sibling of
+    that path (```disco_ds/trainer/config.py`, `scaling.py``). Bold rows head a subpackage and
+    name no files, so they cover nothing."""
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| ") or line.startswith("| path"):
+            continue
+        cell = line.split("|")[1]
+        if cell.strip().startswith("**"):
+            continue
+        names = [n for n in cell.split("`")[1::2] if "/" in n or n.endswith(".py")]
+        paths, folder = [], ""
+        for name in names:
+            if "/" in name.rstrip("/"):
+                folder = name.rstrip("/").rsplit("/", 1)[0] if not name.endswith("/") else ""
+                paths.append(name)
+            else:
+                paths.append(f"{folder}/{name}" if folder else name)
+        rows.append(paths)
+    return rows
+
+
+def test_readme_layout_table_matches_the_tree() -> None:
+    """Every path the table names exists, and every module of the package is in a row (by its
+    file, or by a folder the row names)."""
+    rows = layout_rows((REPO / "README.md").read_text())
+    named = [p for row in rows for p in row]
+    missing = [p for p in named if not (REPO / p).exists()]
+    assert not missing, f"the README's layout table names paths that do not exist: {missing}"
+    folders = tuple(p for p in named if p.endswith("/"))
+    modules = sorted(p.relative_to(REPO).as_posix() for p in PACKAGE.rglob("*.py")
+                     if "__pycache__" not in p.parts and p.name not in ("__init__.py", "__main__.py"))
+    absent = [m for m in modules if m not in named and not m.startswith(folders)]
+    assert not absent, f"modules missing from the README's layout table: {absent}"
