@@ -75,10 +75,31 @@ def shutdown_and_exit(code: int = 0) -> NoReturn:
     gloo on CPU sometimes aborts in its destructors after all work is done, which would turn a
     finished run into a failed one; the process therefore leaves without running them, after
     flushing its output. Call it last, once results are written.
+
+    DeepSpeed's CPU accelerator creates a 67 MB shared-memory buffer per rank for its all-reduce
+    (``/dev/shm/deepspeed_allreduce_buffer_*``) and never removes it, so every run on a host would
+    leave them behind until memory-backed ``/dev/shm`` fills up; this rank's is removed here, after
+    the barrier (no rank uses it any more; unlinking keeps existing mappings valid).
     """
+    rank = None
     if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
         dist.barrier()
         dist.destroy_process_group()
+    if rank is not None:
+        _remove_deepspeed_shm_buffer(rank)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _remove_deepspeed_shm_buffer(rank: int) -> None:
+    """Unlink the all-reduce buffer DeepSpeed's CPU shm op named after this rank (its name is built
+    from the user id, ``MASTER_ADDR``, ``MASTER_PORT`` and the global rank); nothing if absent."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if address is None or port is None or not hasattr(os, "getuid"):
+        return
+    try:
+        os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}")
+    except FileNotFoundError:
+        pass
