@@ -24,7 +24,7 @@ import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from disco_ds import Scion, ScionLight, scion_param_groups
-from disco_ds.distributed import shutdown_and_exit
+from disco_ds.distributed import exchange, shutdown_and_exit
 
 VOCAB, WIDTH, HIDDEN, SEQ = 37, 12, 20, 5
 
@@ -65,6 +65,29 @@ def build_model(seed: int = 0) -> OddModel:
     return OddModel()
 
 
+class SyncCounter:
+    """Host–device syncs per call of a method, as the profiler records them: every ``.item()``,
+    ``float(t)``, ``bool(t)`` and ``.tolist()`` runs ``aten::_local_scalar_dense``, on every device."""
+
+    def __init__(self, obj: object, method: str) -> None:
+        self.counts: list[int] = []
+        inner = getattr(obj, method)
+
+        def counted(*args, **kwargs):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = inner(*args, **kwargs)
+            self.counts.append(sum(e.name == "aten::_local_scalar_dense" for e in prof.events()))
+            return out
+
+        setattr(obj, method, counted)
+
+
+def _layouts(provider) -> list:
+    """The layouts a Scion provider built (the lifted ones under tensor parallelism)."""
+    entries = provider.layouts.values()
+    return [entry[0] if isinstance(entry, tuple) else entry for entry in entries]
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     out_path = sys.argv[2]
@@ -93,6 +116,18 @@ def main() -> None:
                           max_gather_numel=cfg.get("max_gather_numel", 1 << 27))
     opt.track_norms = cfg.get("track_norms", False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    # Counted from here on: DeepSpeed calls opt.step through the attribute, once per group or sub-group.
+    syncs = {name: SyncCounter(opt, name) for name in ("step", "pop_metrics")} if cfg.get("count_syncs") else {}
+    # Exchange planning (owners, rounds, routes) per optimizer step: matrix_plan assigns owners once
+    # per plan it builds.
+    plannings: list[int] = []
+    assign_owners = exchange.assign_owners
+
+    def counted_assign_owners(*args, **kwargs):
+        plannings[-1] += 1
+        return assign_owners(*args, **kwargs)
+
+    exchange.assign_owners = counted_assign_owners
     metrics: list[dict[str, float]] = []
     # Self-test hook: the owners' gathered momentum on step 1 is m·g; compare g with DeepSpeed's
     # own safe_get_full_grad taken after backward.
@@ -109,6 +144,7 @@ def main() -> None:
         if step == cfg.get("save_after"):
             engine.save_checkpoint(cfg["ckpt"])
             break
+        plannings.append(0)
         for k in range(accum):
             # Rank r's k-th micro-batch: a disjoint slice of the global batch.
             start = (k * world + rank) * micro
@@ -147,6 +183,11 @@ def main() -> None:
         "staged_partitions": len(getattr(opt.provider, "staging", {})),
         "local_weights": local_weights,
         "metrics": metrics,
+        "syncs": {name: counter.counts for name, counter in syncs.items()},
+        "plannings": plannings,
+        # Every cached exchange plan's owners and routes, in a form every rank can compare.
+        "plans": sorted(repr((plan.owners, [r.members for r in plan.rounds])) for layout in _layouts(opt.provider)
+                        for plan in layout.plans.values()),
         # max |gathered/m − safe_get_full_grad| per matrix this rank owned on the first step
         "gathered_vs_deepspeed": {name: (full / cfg.get("momentum", 0.1) - reference[name].reshape(full.shape)).abs().max().item()
                                   for name, full in gathered.items() if name in reference},

@@ -29,6 +29,7 @@ FAULT_ENV = "DISCO_DS_FAULT"
 """Test hook shared with :mod:`disco_ds.trainer.checkpoint`: ``<check>@<rank>`` makes the named check of
 :func:`injected_fault` fail on that global rank only (tests/test_fault_agreement.py)."""
 
+
 def injected_fault(check: str) -> bool:
     """Whether the test hook :data:`FAULT_ENV` asks ``check`` to fail on this rank."""
     name, _, rank = os.environ.get(FAULT_ENV, "").partition("@")
@@ -36,9 +37,11 @@ def injected_fault(check: str) -> bool:
         return False
     return int(rank) == (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
 
+
 class RankCheckError(RuntimeError):
     """A check failed on some ranks of a process group; every rank of the group raises this, with
     the same message."""
+
 
 def raise_if_any_failed(error: str | None, group: Any, device: torch.device, what: str) -> None:
     """Turn a check that can fail on some ranks only into the same error on every rank.
@@ -68,6 +71,7 @@ def raise_if_any_failed(error: str | None, group: Any, device: torch.device, wha
     dist.all_gather_object(messages, error, group=group)
     details = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
     raise RankCheckError(f"{what} failed on {len(failed)} of {world} ranks ({details})")
+
 
 def shutdown_and_exit(code: int = 0) -> NoReturn:
     """End a launched rank cleanly: barrier, destroy the process group, exit with ``code``.

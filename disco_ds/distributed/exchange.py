@@ -29,6 +29,7 @@ Two rules keep this correct on GPUs (NCCL), not only on CPUs (gloo):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,13 +40,15 @@ from disco_ds.distributed.timing import ExchangeStats
 from disco_ds.optim.newton_schulz import ns_flops
 from disco_ds.optim.norms import ElementwiseNorm, MatrixNorm, Norm, SeparableNorm, lmo_many
 
-__all__ = ["matrix_cost", "assign_owners", "plan_rounds", "distributed_lmo", "matrix_products"]
+__all__ = ["matrix_cost", "assign_owners", "plan_rounds", "MatrixPlan", "RoundPlan", "matrix_plan", "distributed_lmo",
+           "matrix_products"]
 
 
 def matrix_cost(norm: MatrixNorm, shape: tuple[int, ...]) -> int:
     """Newton–Schulz FLOPs of one matrix: the load-balancing weight of an owner."""
     rows, cols = norm.to_matrix(torch.empty(shape, device="meta")).shape[-2:]
     return ns_flops(rows, cols, norm.ns_steps)
+
 
 def assign_owners(layout: Layout, members: list[int], costs: dict[int, int]) -> dict[int, int]:
     """One owner rank per matrix: locality first, then greedy longest-processing-time.
@@ -71,14 +74,17 @@ def assign_owners(layout: Layout, members: list[int], costs: dict[int, int]) -> 
         load[owner] += costs[m]
     return owners
 
+
 def plan_rounds(layout: Layout, owners: dict[int, int], max_numel_per_rank: int) -> list[list[int]]:
-    """Split the matrices into rounds so no owner holds more than ``max_numel_per_rank`` gathered
-    entries at once (every owner gets at least one matrix per round it appears in)."""
+    """Split the matrices into rounds so no owner gathers more than ``max_numel_per_rank`` entries
+    at once (every owner gets at least one matrix per round it appears in). Only routed matrices
+    count: one its owner holds whole is used in place and costs no gather buffer."""
     rounds: list[list[int]] = []
     current: list[int] = []
     held = [0] * layout.world_size
     for m in sorted(owners, key=lambda m: (-layout.numel(m), m)):
-        o, n = owners[m], layout.numel(m)
+        o = owners[m]
+        n = 0 if o in layout.whole_holders(m) else layout.numel(m)
         if current and held[o] > 0 and held[o] + n > max_numel_per_rank:
             rounds.append(current)
             current, held = [], [0] * layout.world_size
@@ -87,6 +93,75 @@ def plan_rounds(layout: Layout, owners: dict[int, int], max_numel_per_rank: int)
     if current:
         rounds.append(current)
     return rounds
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round of the matrix exchange, as this rank sees it: which matrices it owns, and per peer
+    the fragments it sends and receives each way (in the order they travel)."""
+
+    members: list[int]
+    """The round's matrices (the same on every rank)."""
+    mine: list[int]
+    """Those this rank owns."""
+    to_owners: list[list[Fragment]]
+    """Per destination rank, this rank's fragments of matrices that rank owns (forward)."""
+    from_holders: list[list[Fragment]]
+    """Per source rank, the fragments of this rank's matrices it receives (forward)."""
+    to_holders: list[list[Fragment]]
+    """Per destination rank, the fragments of this rank's updates that rank holds (reverse)."""
+    from_owners: list[list[Fragment]]
+    """Per source rank, this rank's fragments whose updates that owner sends (reverse)."""
+    kept: list[Fragment]
+    """This rank's fragments of matrices it owns: their updates stay here."""
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """Owners and rounds of a layout's matrices for one geometry, computed once per layout,
+    identically on every rank (no communication)."""
+
+    owners: dict[int, int]
+    rounds: list[RoundPlan]
+
+
+def matrix_plan(layout: Layout, norm: MatrixNorm, max_numel_per_rank: int) -> MatrixPlan:
+    """The (cached) exchange plan of ``layout``'s matrices: owners by locality then NS cost
+    (:func:`assign_owners`), rounds bounded by ``max_numel_per_rank`` (:func:`plan_rounds`), and
+    every round's routes. Planning is pure Python over all fragments of all ranks, so it is done
+    once per layout and kept in ``layout.plans``."""
+    key = (type(norm), norm.ns_steps, max_numel_per_rank)
+    if key in layout.plans:
+        return layout.plans[key]
+    members = list(range(len(layout.shapes)))
+    owners = assign_owners(layout, members, {m: matrix_cost(norm, layout.shapes[m]) for m in members})
+    me, world = layout.rank, layout.world_size
+
+    def to_owner(src: int, dst: int, in_round: set[int]) -> list[Fragment]:
+        # Fragments of matrices owned elsewhere and not already held whole there.
+        return [f for f in layout.contributes(src) if f.member in in_round and owners[f.member] == dst
+                and dst not in layout.whole_holders(f.member)]
+
+    def to_holder(owner: int, holder: int, in_round: set[int]) -> list[Fragment]:
+        return [f for f in layout.fragments[holder] if f.member in in_round and owners[f.member] == owner]
+
+    rounds = []
+    for round_members in plan_rounds(layout, owners, max_numel_per_rank):
+        in_round = set(round_members)
+        peers = range(world)
+        rounds.append(RoundPlan(
+            members=round_members,
+            mine=[m for m in round_members if owners[m] == me],
+            to_owners=[to_owner(me, r, in_round) if r != me else [] for r in peers],
+            from_holders=[to_owner(r, me, in_round) if r != me else [] for r in peers],
+            to_holders=[to_holder(me, r, in_round) if r != me else [] for r in peers],
+            from_owners=[to_holder(r, me, in_round) if r != me else [] for r in peers],
+            kept=to_holder(me, me, in_round),
+        ))
+    plan = MatrixPlan(owners=owners, rounds=rounds)
+    layout.plans[key] = plan
+    return plan
+
 
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], layout: Layout, stats: ExchangeStats) -> None:
     # Called unconditionally on every rank of the group (empty splits allowed) so that no rank can
@@ -99,20 +174,20 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_
     with stats.comm.region(out.device):
         dist.all_to_all_single(out, inp, out_splits, in_splits, group=layout.group)
 
+
 def _exchange(
     layout: Layout,
-    route: Callable[[int, int], list[Fragment]],
+    sends: list[list[Fragment]],
+    receives: list[list[Fragment]],
     payload: Callable[[Fragment], torch.Tensor],
     comm_dtype: torch.dtype,
     device: torch.device,
     stats: ExchangeStats,
 ) -> list[tuple[Fragment, torch.Tensor]]:
-    """One ``all_to_all_single``: rank s sends ``payload(f)`` for each ``f in route(s, d)`` to rank
-    d ≠ s. Every rank derives both its send and receive lists from ``route``, so no sizes travel.
-    Returns the received ``(fragment, values)`` pairs."""
-    me, world = layout.rank, layout.world_size
-    sends = [route(me, r) if r != me else [] for r in range(world)]
-    receives = [route(r, me) if r != me else [] for r in range(world)]
+    """One ``all_to_all_single``: this rank sends ``payload(f)`` for each fragment of ``sends[d]`` to
+    rank d and receives ``receives[s]`` from rank s (both lists from a plan every rank computed
+    alike, so no sizes travel). Returns the received ``(fragment, values)`` pairs (views of one
+    buffer)."""
     in_splits = [sum(f.numel for f in frags) for frags in sends]
     out_splits = [sum(f.numel for f in frags) for frags in receives]
     parts = [payload(f).to(comm_dtype) for frags in sends for f in frags]
@@ -125,6 +200,7 @@ def _exchange(
             received.append((f, recv[pos : pos + f.numel]))
             pos += f.numel
     return received
+
 
 def _matrix_lmo(
     layout: Layout,
@@ -139,19 +215,16 @@ def _matrix_lmo(
     device: torch.device,
 ) -> dict[Fragment, torch.Tensor]:
     """Route matrix fragments to owners, orthogonalise there once, route update fragments back."""
-    costs = {m: matrix_cost(norm, layout.shapes[m]) for m in members}
-    owners = assign_owners(layout, members, costs)
-    me = layout.rank
+    plan = matrix_plan(layout, norm, max_numel_per_rank)
     updates: dict[Fragment, torch.Tensor] = {}
     # A rank holding no fragment may still own matrices (ZeRO-1/2 routing); it then gathers in
     # fp32, the dtype of every ZeRO master partition.
     work_dtype = next((d.dtype for d in directions.values()), torch.float32)
     whole_local = {f.member: f for f in layout.local() if f.start == 0 and f.numel == layout.numel(f.member)}
 
-    for round_members in plan_rounds(layout, owners, max_numel_per_rank):
+    for step in plan.rounds:
         stats.rounds += 1
-        in_round = set(round_members)
-        mine = [m for m in round_members if owners[m] == me]
+        mine = step.mine
         # Full matrices this rank owns, in the working dtype: local fragments keep full precision,
         # only what crosses the network goes through comm_dtype. A matrix held whole in one local
         # fragment (one process, replicas, ZeRO-1/2 locality) is used in place, without a copy.
@@ -159,11 +232,8 @@ def _matrix_lmo(
                 for m in mine}
 
         # Forward: each rank sends its fragments of matrices owned elsewhere (and not held whole there).
-        def to_owner(src: int, dst: int) -> list[Fragment]:
-            return [f for f in layout.contributes(src) if f.member in in_round and owners[f.member] == dst
-                    and dst not in layout.whole_holders(f.member)]
-
-        for f, values in _exchange(layout, to_owner, directions.__getitem__, comm_dtype, device, stats):
+        for f, values in _exchange(layout, step.to_owners, step.from_holders, directions.__getitem__, comm_dtype,
+                                   device, stats):
             full[f.member][f.start : f.start + f.numel] = values.to(work_dtype)
         for f in layout.local():
             if f.member in full and f.member not in whole_local:
@@ -186,17 +256,15 @@ def _matrix_lmo(
                 result[m] = result[m].to(comm_dtype).to(work_dtype)
 
         # Reverse: every holder of a fragment of a matrix gets its slice of the update.
-        def to_holder(owner: int, holder: int) -> list[Fragment]:
-            return [f for f in layout.fragments[holder] if f.member in in_round and owners[f.member] == owner]
-
         def update_slice(f: Fragment) -> torch.Tensor:
             return result[f.member][f.start : f.start + f.numel]
 
-        for f, values in _exchange(layout, to_holder, update_slice, comm_dtype, device, stats):
+        for f, values in _exchange(layout, step.to_holders, step.from_owners, update_slice, comm_dtype, device, stats):
             updates[f] = values.to(work_dtype)
-        for f in to_holder(me, me):
+        for f in step.kept:
             updates[f] = update_slice(f)
     return updates
+
 
 def _stat_shape(norm: SeparableNorm, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the completed sums of squares, as ``SeparableNorm.sum_squares`` returns them."""
@@ -205,6 +273,7 @@ def _stat_shape(norm: SeparableNorm, shape: tuple[int, ...]) -> tuple[int, ...]:
     if norm.axis == "col":
         return (1, shape[-1])
     return ()
+
 
 def _separable_lmo(
     layout: Layout, norm: SeparableNorm, members: list[int], directions: dict[Fragment, torch.Tensor], stats: ExchangeStats,
@@ -260,6 +329,7 @@ def _separable_lmo(
         updates[f] = out
     return updates
 
+
 def _sum_over_ranks(buf: torch.Tensor, layout: Layout, stats: ExchangeStats) -> None:
     """Complete per-rank partial sums (skipped where every rank already holds every member whole)."""
     if layout.world_size > 1 and not layout.replicated:
@@ -267,6 +337,7 @@ def _sum_over_ranks(buf: torch.Tensor, layout: Layout, stats: ExchangeStats) -> 
         stats.bytes_sent += buf.numel() * buf.element_size()
         with stats.comm.region(buf.device):
             dist.all_reduce(buf, group=layout.group)
+
 
 def matrix_products(
     layout: Layout,
@@ -319,6 +390,7 @@ def matrix_products(
         results[k][m] = buf[o : o + cols] if transpose else buf[o : o + 2 * rows].view(2, rows)
     return results
 
+
 def _device_of(tensors: list[torch.Tensor], device: torch.device | None) -> torch.device:
     """The communication device: the one given, else that of the tensors this rank contributes.
     Never a guess: a rank with nothing to contribute still enters the collective, and under NCCL
@@ -328,6 +400,7 @@ def _device_of(tensors: list[torch.Tensor], device: torch.device | None) -> torc
     if not tensors:
         raise ValueError("Scion: this rank holds no fragment here, so the communication device is unknown: pass device=")
     return tensors[0].device
+
 
 def distributed_lmo(
     layout: Layout,

@@ -28,6 +28,7 @@ class Fragment:
     numel: int
     offset: int
 
+
 @dataclass
 class Layout:
     """Which rank holds which fragments of which whole parameters, over one process group."""
@@ -44,6 +45,9 @@ class Layout:
     sources: list[list[Fragment]] | None = None
     """Per rank, the fragments it contributes to gathers and sums, when several ranks hold copies of
     the same entries (tensor-parallel replicas): each entry then counts once. None: all fragments."""
+    plans: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Exchange plans computed for this layout (:func:`disco_ds.distributed.exchange.matrix_plan`),
+    kept with it so that a cached layout is never planned twice."""
     _whole: dict[int, list[int]] = field(init=False, repr=False)
     _copied: frozenset[int] = field(init=False, repr=False)
 
@@ -121,15 +125,18 @@ class Layout:
         rows = matrix_view_shape(self.shapes[member])[0]
         return torch.cat([b.reshape(-1) for b in matrix.reshape(rows, -1).split(list(widths), dim=1)])
 
+
 def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
     """A parameter's real shape: under ZeRO-3 (``zero.Init``) ``p.shape`` is a flat placeholder and
     DeepSpeed keeps the real one in ``ds_shape``."""
     return tuple(int(s) for s in getattr(p, "ds_shape", p.shape))
 
+
 def matrix_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """``[rows, cols]`` of a member seen as a matrix: first dimension by the rest; a vector is one row."""
     rows = int(shape[0]) if len(shape) >= 2 else 1
     return rows, max(1, shape_numel(shape)) // rows
+
 
 def row_pieces(frag: Fragment, cols: int) -> list[tuple[int, int, int, int]]:
     """Split a fragment of a row-major ``[rows, cols]`` matrix into rectangular pieces
@@ -148,11 +155,13 @@ def row_pieces(frag: Fragment, cols: int) -> list[tuple[int, int, int, int]]:
             pos += width
     return pieces
 
+
 def shape_numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
         n *= int(s)
     return n
+
 
 def group_rank_and_size(group: Any) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):

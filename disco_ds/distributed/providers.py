@@ -78,6 +78,7 @@ def zero12_layout(members: list[torch.Tensor]) -> Layout:
     fragments = [sorted((Fragment(*t) for t in table), key=lambda f: (f.member, f.start)) for table in tables]
     return Layout(shapes=shapes, fragments=fragments, group=group, rank=rank)
 
+
 def zero3_sub_group(flat: torch.Tensor, members: list[torch.Tensor]) -> int:
     """Index of the ZeRO-3 sub-group whose flat fp32 partition is ``flat`` (the same on every rank:
     sub-group membership depends only on partition sizes)."""
@@ -86,6 +87,7 @@ def zero3_sub_group(flat: torch.Tensor, members: list[torch.Tensor]) -> int:
     if sub_group is None:
         raise RuntimeError("Scion: the ZeRO-3 flat partition passed to step() is not one of the optimizer's sub-groups")
     return sub_group
+
 
 def zero3_layout(flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layout, list[torch.Tensor]]:
     """Layout of a ZeRO-3 sub-group's flat fp32 partition, derived without communication.
@@ -108,6 +110,7 @@ def zero3_layout(flat: torch.Tensor, members: list[torch.Tensor]) -> tuple[Layou
         offset += pn
     shapes = [logical_shape(p) for p in sg_members]
     return Layout(shapes=shapes, fragments=fragments, group=group, rank=rank), sg_members
+
 
 def replicated_layout(members: list[torch.Tensor], group: Any = None) -> Layout:
     """Every rank holds every member whole (data-parallel replicas: ZeRO stage 0, DDP, one process)."""

@@ -68,6 +68,7 @@ class Stopwatch:
         self._collect(wait=True)
         return self._seconds
 
+
 @dataclass
 class ExchangeStats:
     """Counters of one rank, cumulative over steps (read by tests and the instrumentation)."""

@@ -21,14 +21,13 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from disco_ds.distributed import ExchangeStats, Fragment, Layout, matrix_products, matrix_view_shape
 from disco_ds.optim.norms import MatrixNorm, Norm
 
-__all__ = ["NORM_KINDS", "ROLE_NORM_KIND", "norm_kind", "operator_norm", "exact_operator_norm", "NormMonitor"]
+__all__ = ["NORM_KINDS", "ROLE_NORM_KIND", "TOTALS", "norm_kind", "operator_norm", "exact_operator_norm", "NormMonitor"]
 
 NORM_KINDS: tuple[str, ...] = ("rms_to_rms", "l1_to_rms", "rms_to_inf", "rms")
 ROLE_NORM_KIND: dict[str, str] = {"hidden": "rms_to_rms", "embedding": "l1_to_rms", "output": "rms_to_inf", "vector": "rms"}
@@ -52,42 +51,42 @@ def fans(norm: Norm, shape: tuple[int, ...]) -> tuple[int, int]:
     return matrix_view_shape(shape)
 
 
-def operator_norm(kind: str, fan: tuple[int, int], row_squares: torch.Tensor, sigma: float) -> float:
+def operator_norm(kind: str, fan: tuple[int, int], row_squares: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """SPEC 4 norm of a matrix from its row sums of squares (rows of the ``[rows, cols]`` view) and
-    its largest singular value."""
+    its largest singular value, as a 0-dim tensor on ``row_squares``' device (nothing is read back)."""
     fan_out, fan_in = fan
     if kind == "rms_to_rms":
-        return sigma * math.sqrt(fan_in / fan_out)
-    rows_max = float(row_squares.max())
+        return torch.as_tensor(sigma, dtype=row_squares.dtype, device=row_squares.device) * math.sqrt(fan_in / fan_out)
     cols = fan_in if len(row_squares) == fan_out else fan_out
     if kind == "l1_to_rms":
-        return math.sqrt(rows_max / cols)
+        return (row_squares.max() / cols).sqrt()
     if kind == "rms_to_inf":
-        return math.sqrt(cols * rows_max)
+        return (row_squares.max() * cols).sqrt()
     if kind == "rms":
-        return math.sqrt(float(row_squares.sum()) / (fan_out * fan_in))
+        return (row_squares.sum() / (fan_out * fan_in)).sqrt()
     raise ValueError(f"unknown monitored norm {kind!r}; accepted values: {list(NORM_KINDS)}")
 
 
 def exact_operator_norm(kind: str, fan: tuple[int, int], matrix: torch.Tensor) -> float:
     """The same norm of a whole ``[rows, cols]`` matrix with an exact SVD (the test oracle)."""
     m = matrix.double().reshape(matrix.shape[0] if matrix.dim() > 1 else 1, -1)
-    sigma = float(torch.linalg.matrix_norm(m, ord=2)) if kind == "rms_to_rms" else 0.0
-    return operator_norm(kind, fan, m.square().sum(dim=1), sigma)
+    sigma = torch.linalg.matrix_norm(m, ord=2) if kind == "rms_to_rms" else 0.0
+    return float(operator_norm(kind, fan, m.square().sum(dim=1), sigma))
 
 
-@dataclass
-class _GroupTotals:
-    weight_norm: float = 0.0  # max over the group's matrices
-    update_norm: float = 0.0
-    weight_squares: float = 0.0  # Σ ‖W‖_F² over the group
-    update_squares: float = 0.0
+TOTALS = ("weight_norm", "update_norm", "weight_squares", "update_squares")
+"""What :class:`NormMonitor` accumulates per group, in this order: the largest weight and update
+norm over the group's matrices, and Σ ‖W‖_F², Σ ‖ΔW‖_F² over the group."""
 
 
 @dataclass
 class NormMonitor:
     """Accumulates the norms of one optimizer step (DeepSpeed may call ``step()`` once per group or
-    ZeRO-3 sub-group) until :meth:`pop` hands them to the logger.
+    ZeRO-3 sub-group) until :meth:`pop` hands them over.
+
+    Every number stays on the device: per group one tensor of :data:`TOTALS`, updated in place, so
+    measuring costs no host–device sync; :meth:`pop` returns them as device tensors and
+    :meth:`read` turns a popped set into floats with one copy.
 
     Args:
         power_iterations: power-iteration rounds per measured step (two small all-reduces each).
@@ -95,7 +94,7 @@ class NormMonitor:
 
     power_iterations: int = 1
     _vectors: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
-    _totals: dict[str, _GroupTotals] = field(default_factory=dict)
+    _totals: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def _probe(self, key: str, which: str, size: int, device: torch.device) -> torch.Tensor:
         """The carried power-iteration vector; its seed is the parameter's name, so every rank agrees."""
@@ -129,38 +128,58 @@ class NormMonitor:
         probes = [{m: self._probe(keys[m], which, matrix_view_shape(layout.shapes[m])[1], device) for m in members}
                   for which in names]
         forward = matrix_products(layout, list(sets), probes, transpose=False, stats=stats, device=device)
-        sigmas: list[dict[int, float]] = [{m: 0.0 for m in members} for _ in names]
+        zero = torch.zeros((), device=device)
+        sigmas: list[dict[int, torch.Tensor]] = [{m: zero for m in members} for _ in names]
         if kind == "rms_to_rms":
             for it in range(self.power_iterations):
                 images = [{m: forward[k][m][0] for m in members} for k in range(len(names))]
                 for k in range(len(names)):
                     for m in members:
-                        sigmas[k][m] = float(images[k][m].norm())
+                        sigmas[k][m] = images[k][m].norm()
                 back = matrix_products(layout, list(sets), images, transpose=True, stats=stats, device=device)
                 for k, which in enumerate(names):
                     for m in members:
-                        v = back[k][m]
-                        if float(v.norm()) > 0:
-                            self._vectors[(keys[m], which)] = v / v.norm()
+                        # A zero image (e.g. a zero update) keeps the carried vector, decided on
+                        # the device rather than by reading the norm back.
+                        v, length = back[k][m], back[k][m].norm()
+                        kept = self._vectors[(keys[m], which)]
+                        self._vectors[(keys[m], which)] = torch.where(length > 0, v / torch.where(length > 0, length, 1.0), kept)
                 if it + 1 < self.power_iterations:
                     probes = [{m: self._vectors[(keys[m], which)] for m in members} for which in names]
                     forward = matrix_products(layout, list(sets), probes, transpose=False, stats=stats, device=device)
-        totals = self._totals.setdefault(label, _GroupTotals())
-        for m in members:
-            fan = fans(norm, layout.shapes[m])
-            w_rows, dw_rows = forward[0][m][1], forward[1][m][1]
-            totals.weight_norm = max(totals.weight_norm, operator_norm(kind, fan, w_rows, sigmas[0][m]))
-            totals.update_norm = max(totals.update_norm, operator_norm(kind, fan, dw_rows, sigmas[1][m]))
-            totals.weight_squares += float(w_rows.sum())
-            totals.update_squares += float(dw_rows.sum())
+        if not members:
+            return
+        weight_norms = torch.stack([operator_norm(kind, fans(norm, layout.shapes[m]), forward[0][m][1], sigmas[0][m])
+                                    for m in members])
+        update_norms = torch.stack([operator_norm(kind, fans(norm, layout.shapes[m]), forward[1][m][1], sigmas[1][m])
+                                    for m in members])
+        squares = torch.stack([torch.stack([forward[k][m][1].sum() for m in members]).sum() for k in range(len(names))])
+        step = torch.cat([torch.stack([weight_norms.max(), update_norms.max()]), squares]).float()
+        totals = self._totals.get(label)
+        if totals is None:
+            self._totals[label] = step
+        else:
+            totals[:2] = torch.maximum(totals[:2], step[:2])
+            totals[2:] += step[2:]
 
-    def pop(self) -> dict[str, float]:
-        """``norm/<group>/weight``, ``norm/<group>/update`` (max over the group's matrices) and
-        ``effective_lr/<group>`` since the last call; then start afresh."""
-        metrics: dict[str, Any] = {}
-        for label, t in self._totals.items():
-            metrics[f"norm/{label}/weight"] = t.weight_norm
-            metrics[f"norm/{label}/update"] = t.update_norm
-            metrics[f"effective_lr/{label}"] = math.sqrt(t.update_squares / t.weight_squares) if t.weight_squares > 0 else 0.0
-        self._totals = {}
-        return metrics
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Per group label, the :data:`TOTALS` tensor since the last call (on the device, unread);
+        then start afresh."""
+        totals, self._totals = self._totals, {}
+        return totals
+
+    @staticmethod
+    def read(totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The metrics of popped totals (:meth:`metrics`), with one device-to-host copy."""
+        if not totals:
+            return {}
+        values = torch.stack(list(totals.values())).tolist()
+        return {k: v for label, row in zip(totals, values) for k, v in NormMonitor.metrics(label, row).items()}
+
+    @staticmethod
+    def metrics(label: str, totals: list[float]) -> dict[str, float]:
+        """``norm/<label>/weight``, ``norm/<label>/update`` (max over the group's matrices) and
+        ``effective_lr/<label>`` = ‖ΔW‖_F / ‖W‖_F from one group's :data:`TOTALS`, read back."""
+        weight, update, weight_squares, update_squares = totals
+        return {f"norm/{label}/weight": weight, f"norm/{label}/update": update,
+                f"effective_lr/{label}": math.sqrt(update_squares / weight_squares) if weight_squares > 0 else 0.0}

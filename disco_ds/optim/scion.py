@@ -120,9 +120,12 @@ class Scion(torch.optim.Optimizer):
         """Number of ``step()`` calls that updated parameters (DeepSpeed may call once per group)."""
         self.on_gathered: Callable[[str, torch.Tensor], None] | None = None
         """If set, called at the owner with ``(parameter name, full momentum matrix)`` before its LMO."""
-        self.track_norms = False
-        """While true, every step measures the SPEC 4 norms of weights and updates per group (a few
-        small all-reduces); :meth:`pop_metrics` returns them. The training loop switches it on."""
+        self.track_norms: bool | frozenset[str] = False
+        """True: every step measures the SPEC 4 norms of weights and updates of every group (a few
+        small all-reduces, no host sync); a set of group labels (``role``, else ``name``): only
+        those groups (the trainer measures ``{"output"}``, the paper's instrument, on every step and
+        every group each ``logging.norms_interval``). :meth:`pop_norms` / :meth:`pop_metrics`
+        return them."""
         self.monitor = NormMonitor()
         self._mark = (0.0, 0.0, 0.0, 0)
         super().__init__(params, defaults)
@@ -238,8 +241,9 @@ class Scion(torch.optim.Optimizer):
                                   member_keys=[self._key(p) for p in placement.members],
                                   on_gathered=self.on_gathered, device=placement.device)
         decay, step_size = self._decay_and_step(group)
+        label = self._label(group)
         deltas = None
-        if self.track_norms:  # ΔW = −lr·wd·W − lr·ρ·u, from the weights before the update
+        if self.track_norms is True or (self.track_norms and label in self.track_norms):  # ΔW = −lr·wd·W − lr·ρ·u, from the weights before the update
             deltas = {f: updates[f].float() * -step_size + w.float() * (decay - 1.0)
                       for f, w in placement.weights().items()}
         for index, t in enumerate(placement.tensors):
@@ -249,11 +253,22 @@ class Scion(torch.optim.Optimizer):
                 target.add_(u.to(target.dtype), alpha=-step_size)
             self._after_update(t, group)
         if deltas is not None:
-            label = str(group.get("role", group.get("name", f"group{group['scion_gid']}")))
             norm = self.norm_of(group)
             self.monitor.measure(label, norm_kind(group.get("role"), norm), norm, placement.layout,
                                  [self._key(p) for p in placement.members], placement.weights(), deltas, self.stats,
                                  device=placement.device)
+
+    @staticmethod
+    def _label(group: dict[str, Any]) -> str:
+        """A group's name in metrics: its ``role``, else its ``name``, else its index."""
+        return str(group.get("role", group.get("name", f"group{group['scion_gid']}")))
+
+    def pop_norms(self) -> dict[str, torch.Tensor]:
+        """The monitored norms since the previous call, unread: per group label a device tensor of
+        :data:`disco_ds.optim.monitor.TOTALS`. Costs no host–device sync, so a training loop can
+        collect them every step and read them together at its log points
+        (:meth:`disco_ds.optim.monitor.NormMonitor.read`)."""
+        return self.monitor.pop()
 
     def pop_metrics(self) -> dict[str, float]:
         """What happened since the previous call (one optimizer step, when called once per step):
@@ -266,14 +281,15 @@ class Scion(torch.optim.Optimizer):
           (SPEC 4 norm per role: RMS→RMS hidden, ℓ1→RMS embedding, RMS→∞ output, RMS vectors; the
           largest over the group's matrices) and ``effective_lr/<group>`` = ‖ΔW‖_F / ‖W‖_F.
 
-        Every rank gets the same norms; log them on rank 0.
+        Every rank gets the same norms; log them on rank 0. Reading the norms is one device-to-host
+        copy (a sync); a loop that logs every few steps uses :meth:`pop_norms` instead.
         """
         s = self.stats
         now = (s.step_seconds, s.comm_seconds, s.ns_seconds, float(s.bytes_sent))
         names = ("optimizer/step_s", "optimizer/comm_s", "optimizer/newton_schulz_s", "optimizer/bytes_sent")
         metrics = {name: value - before for name, value, before in zip(names, now, self._mark)}
         self._mark = now
-        metrics.update(self.monitor.pop())
+        metrics.update(NormMonitor.read(self.monitor.pop()))
         return metrics
 
     @staticmethod

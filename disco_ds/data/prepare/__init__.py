@@ -25,6 +25,17 @@ of :mod:`disco_ds.data.shards`), ``meta.json`` (written last: its presence marks
 ``special_tokens_map.json``) that ``transformers.AutoTokenizer.from_pretrained`` loads offline.
 :func:`load_tokenizer` rebuilds the tokenizer from such a directory.
 
+Scale: ``--workers N`` processes tokenize (default: the usable CPU cores; 1 for the byte
+tokenizer, whose encoding costs less than sending text to a worker) batches of text whose results
+are taken in input order, so the shards and ``meta.json`` are byte for byte those of
+``--workers 1`` (which tokenizes in this process, no pool). Nothing is held whole: at most a few
+batches per worker are in flight, and a text file is read a megabyte at a time and, for tokenizers
+with GPT-2's pre-tokenization (byte, ``bpe:N``, ``gpt2``, ``tokenizer.json`` files of that kind),
+tokenized in pieces cut before a space or newline that follows a non-space, where that
+pre-tokenization splits anyway, so its tokens are those of the whole file (other
+``tokenizer.json`` files get each text file whole). The progress display and the summary line
+give the throughput, MB/s of text and tokens/s.
+
 Validation split: with ``--val-fraction f`` each document goes to validation independently with
 probability ``f``, drawn from ``--seed`` (so the split does not depend on the tokenizer), and at
 least one document does; with ``--val-tokens n`` the first documents, in input order, go to
@@ -77,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bpe-min-frequency", type=int, default=2, help="bpe:N training min pair frequency")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace train_/val_ shards in --out that prepare did not write")
+    parser.add_argument("--workers", "-j", type=int, default=None, metavar="N",
+                        help="tokenizing processes (default: the usable CPU cores, 1 for --tokenizer byte; "
+                             "1: no worker processes)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary line")
 
 
@@ -99,6 +113,7 @@ def main(args: argparse.Namespace) -> int:
             bpe_min_frequency=args.bpe_min_frequency,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            workers=args.workers,
         )
     except (ValueError, OSError, ImportError) as e:
         print(f"disco_ds prepare: error: {e}", file=sys.stderr)

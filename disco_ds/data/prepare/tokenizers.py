@@ -22,6 +22,7 @@ __all__ = [
     "HFTokenizer",
     "TiktokenTokenizer",
     "make_tokenizer",
+    "tokenizer_from_portable",
     "train_bpe",
     "load_gpt2",
     "load_tokenizer",
@@ -35,6 +36,9 @@ _EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", 
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 """GPT-2's pre-tokenization regex (used when ``tiktoken_ext`` does not provide it)."""
+
+_GPT2_PATTERNS = (GPT2_PATTERN, r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+"""GPT-2's regex as current and older ``tiktoken`` versions spell it (the same expression)."""
 
 _GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 _GPT2_HELP = (
@@ -83,7 +87,9 @@ class Tokenizer:
     """What ``prepare`` and the trainer need from a tokenizer.
 
     Attributes: ``kind`` (``byte``/``bpe``/``json``/``gpt2``), ``name``, ``vocab_size`` (one more
-    than the largest id), ``eot_id`` and ``eot_token`` (the end-of-text id and its text).
+    than the largest id), ``eot_id`` and ``eot_token`` (the end-of-text id and its text), and
+    ``piecewise``: whether a document may be encoded in the pieces that
+    :func:`~disco_ds.data.prepare.readers.last_cut` cuts, giving the tokens of the whole.
     """
 
     kind: str = ""
@@ -91,6 +97,7 @@ class Tokenizer:
     vocab_size: int = 0
     eot_id: int = 0
     eot_token: str = EOT_TOKEN
+    piecewise: bool = False
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, taken as plain text (no special tokens)."""
@@ -108,6 +115,11 @@ class Tokenizer:
         """Write Hugging Face tokenizer files to ``out_dir`` (loadable offline by
         ``transformers.AutoTokenizer.from_pretrained(out_dir)``, encoding as :meth:`encode`)."""
         raise NotImplementedError
+
+    def portable(self) -> dict[str, Any] | None:
+        """A picklable description from which :func:`tokenizer_from_portable` builds the same
+        tokenizer in another process; None for a tokenizer that has none."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """The tokenizer's entry of ``meta.json``."""
@@ -130,6 +142,10 @@ class ByteTokenizer(Tokenizer):
     name = "byte"
     vocab_size = 257
     eot_id = 256
+    piecewise = True
+
+    def portable(self) -> dict[str, Any]:
+        return {"type": "byte"}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="replace"))
@@ -197,6 +213,11 @@ class HFTokenizer(Tokenizer):
         self.eot_token = eot_token
         self.eot_id = int(vocab[eot_token])
         self.vocab_size = int(max(vocab.values())) + 1
+        self.piecewise = _gpt2_byte_level(json.loads(self._tk.to_str()))
+
+    def portable(self) -> dict[str, Any]:
+        return {"type": "hf", "json": self._tk.to_str(), "kind": self.kind, "name": self.name,
+                "eot_token": self.eot_token}
 
     @property
     def backend(self) -> Any:
@@ -230,6 +251,13 @@ class TiktokenTokenizer(Tokenizer):
         self.eot_id = int(encoding.eot_token)
         self.vocab_size = int(encoding.n_vocab)
         self.eot_token = EOT_TOKEN
+        self.piecewise = encoding._pat_str in _GPT2_PATTERNS
+
+    def portable(self) -> dict[str, Any]:
+        enc = self._enc
+        return {"type": "tiktoken", "name": self.name, "encoding": enc.name, "pat_str": enc._pat_str,
+                "mergeable_ranks": enc._mergeable_ranks, "special_tokens": enc._special_tokens,
+                "n_vocab": enc.n_vocab}
 
     def encode(self, text: str) -> list[int]:
         return list(self._enc.encode_ordinary(text))
@@ -257,6 +285,24 @@ class TiktokenTokenizer(Tokenizer):
                 extra_special_tokens={self.eot_token: self.eot_id},
             ).converted()
         return _write_hf_files(tk, out_dir, self.eot_token)
+
+
+def _gpt2_byte_level(config: dict[str, Any]) -> bool:
+    """Whether a ``tokenizer.json`` (parsed) encodes plain text as GPT-2's byte-level BPE does:
+    no normalizer, the ByteLevel pre-tokenizer with GPT-2's regex and no prefix space, a BPE
+    without dropout, and no added token that would be matched in the text (special tokens are
+    not: :class:`HFTokenizer` encodes them as text)."""
+    pre = config.get("pre_tokenizer") or {}
+    model = config.get("model") or {}
+    return (
+        config.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True) is True
+        and pre.get("add_prefix_space") is False
+        and model.get("type") == "BPE"
+        and model.get("dropout") is None
+        and all(t.get("special") for t in config.get("added_tokens") or [])
+    )
 
 
 def _gpt2_pattern() -> str:
@@ -391,6 +437,29 @@ def make_tokenizer(
         f"unknown tokenizer {spec!r}: expected byte, bpe:N, gpt2, gpt2:/path/to/gpt2.tiktoken, "
         "or an existing path to a tokenizer.json"
     )
+
+
+def tokenizer_from_portable(desc: dict[str, Any]) -> Tokenizer:
+    """The tokenizer that :meth:`Tokenizer.portable` described (in a worker process)."""
+    if desc["type"] == "byte":
+        return ByteTokenizer()
+    if desc["type"] == "hf":
+        from tokenizers import Tokenizer as TkTokenizer
+
+        return HFTokenizer(TkTokenizer.from_str(desc["json"]), kind=desc["kind"], name=desc["name"],
+                           eot_token=desc["eot_token"])
+    if desc["type"] == "tiktoken":
+        import tiktoken
+
+        enc = tiktoken.Encoding(
+            name=desc["encoding"],
+            pat_str=desc["pat_str"],
+            mergeable_ranks=desc["mergeable_ranks"],
+            special_tokens=desc["special_tokens"],
+            explicit_n_vocab=desc["n_vocab"],
+        )
+        return TiktokenTokenizer(enc, name=desc["name"])
+    raise ValueError(f"unknown portable tokenizer type {desc['type']!r}")
 
 
 def load_tokenizer(data_dir: str | os.PathLike) -> Tokenizer:

@@ -1,6 +1,7 @@
-"""The pipeline of ``disco_ds prepare``: :func:`prepare` reads the sources, tokenizes the
-documents, splits them into training and validation, and writes the shards, the tokenizer files
-and ``meta.json``; with its progress display and the shard writer."""
+"""The pipeline of ``disco_ds prepare``: :func:`prepare` reads the sources a piece at a time,
+tokenizes the pieces (in worker processes with ``--workers``, results in input order), splits the
+documents into training and validation, and writes the shards, the tokenizer files and
+``meta.json``; with its progress display and the shard writer."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from disco_ds.data.prepare.readers import Source, collect_sources, documents
+from disco_ds.data.prepare.parallel import Encoder, EncodeError, usable_cores
+from disco_ds.data.prepare.readers import READ_BYTES, Piece, Source, collect_sources, location, pieces
 from disco_ds.data.prepare.tokenizers import Tokenizer, make_tokenizer, parse_size
 from disco_ds.data.shards import temp_path, write_shard
 
@@ -46,17 +49,23 @@ class _ShardWriter:
         """Largest token id per shard: ``meta.json`` keeps them so the trainer checks the
         vocabulary without reading the shards (:mod:`disco_ds.trainer.preflight`)."""
 
-    def add_document(self, tokens: np.ndarray, eot: np.ndarray) -> None:
-        for arr in (tokens, eot):
-            self.chunks.append(arr.astype(self.dtype, copy=False))
-            self.buffered += arr.size
-        self.tokens += tokens.size + eot.size
-        self.documents += 1
+    def add(self, tokens: np.ndarray) -> None:
+        """Append tokens of the current document (a document may come in several pieces)."""
+        if not tokens.size:
+            return
+        self.chunks.append(tokens.astype(self.dtype, copy=False))
+        self.buffered += tokens.size
+        self.tokens += tokens.size
         while self.buffered >= self.shard_tokens:
             flat = np.concatenate(self.chunks)
             self._write(flat[: self.shard_tokens])
             rest = flat[self.shard_tokens :]
             self.chunks, self.buffered = ([rest] if rest.size else []), rest.size
+
+    def end_document(self, eot: np.ndarray) -> None:
+        """Close the current document with the end-of-text token."""
+        self.add(eot)
+        self.documents += 1
 
     def _write(self, tokens: np.ndarray) -> None:
         name = f"{self.split}_{len(self.files):06d}.bin"
@@ -68,6 +77,118 @@ class _ShardWriter:
         if self.buffered:
             self._write(np.concatenate(self.chunks))
         self.chunks, self.buffered = [], 0
+
+
+class _HeldDocument:
+    """The tokens of one document held back from the training split: in memory up to
+    ``memory_tokens``, beyond that in an anonymous temporary file in the output directory, so that
+    a document of any size (a huge text file) is held in bounded memory."""
+
+    def __init__(self, out_dir: Path, dtype: np.dtype, memory_tokens: int):
+        self.out_dir, self.dtype, self.memory_tokens = out_dir, dtype, memory_tokens
+        self.active = False
+        self.chunks: list[np.ndarray] = []
+        self.size = 0
+        self.file: Any = None
+
+    def add(self, tokens: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        if self.file is None and self.size + tokens.size > self.memory_tokens:
+            self.file = tempfile.TemporaryFile(dir=self.out_dir)
+            for chunk in self.chunks:
+                self.file.write(chunk.tobytes())
+            self.chunks = []
+        if self.file is not None:
+            self.file.write(tokens.tobytes())
+        else:
+            # A copy: ``tokens`` may be a view of a whole batch's result, which it would keep alive.
+            self.chunks.append(tokens.copy())
+        self.size += tokens.size
+
+    def move_to(self, writer: _ShardWriter, eot: np.ndarray) -> None:
+        """Give the held document to ``writer`` and hold nothing."""
+        for chunk in self.chunks:
+            writer.add(chunk)
+        if self.file is not None:
+            self.file.seek(0)
+            step = self.memory_tokens * self.dtype.itemsize
+            while data := self.file.read(step):
+                writer.add(np.frombuffer(data, dtype=self.dtype))
+        writer.end_document(eot)
+        self.discard()
+
+    def discard(self) -> None:
+        """Hold nothing (and delete the temporary file)."""
+        if self.file is not None:
+            self.file.close()
+        self.active, self.chunks, self.size, self.file = False, [], 0, None
+
+
+class _Splitter:
+    """Sends the documents, piece by piece in input order, to the training or validation writer.
+
+    The split is decided when a document starts: with ``val_tokens``, while validation holds fewer
+    tokens; otherwise by a draw from ``seed`` per document. While validation is empty (and one is
+    wanted) the newest training document is held back, so that it can become the validation
+    document when the draws picked none.
+    """
+
+    def __init__(self, writers: dict[str, _ShardWriter], held: _HeldDocument, eot: np.ndarray,
+                 val_fraction: float, val_tokens: int | None, seed: int):
+        self.train, self.val, self.held, self.eot = writers["train"], writers["val"], held, eot
+        self.val_fraction, self.val_tokens = val_fraction, val_tokens
+        self.want_val = (val_tokens > 0) if val_tokens is not None else val_fraction > 0
+        self.rng = np.random.default_rng(seed)
+        self.draws = np.zeros(0)
+        self.drawn = 0
+        self.dest: _ShardWriter | _HeldDocument | None = None  # of the document in progress
+
+    def add(self, tokens: np.ndarray, last: bool) -> None:
+        """Tokens of a piece of the current document; ``last`` closes the document."""
+        if self.dest is None:
+            self.dest = self._choose()
+        self.dest.add(tokens)
+        if last:
+            if isinstance(self.dest, _ShardWriter):  # a held document ends when it is placed
+                self.dest.end_document(self.eot)
+            self.dest = None
+
+    def _choose(self) -> _ShardWriter | _HeldDocument:
+        if self.val_tokens is not None:
+            to_val = self.want_val and self.val.tokens < self.val_tokens
+        else:
+            if self.drawn >= self.draws.size:
+                self.draws = self.rng.random(4096)
+                self.drawn = 0
+            to_val = bool(self.draws[self.drawn] < self.val_fraction)
+            self.drawn += 1
+        if to_val:
+            return self.val
+        if self.held.active:
+            self.held.move_to(self.train, self.eot)
+        if self.want_val and self.val.documents == 0:
+            self.held.active = True
+            return self.held
+        return self.train
+
+    def finish(self) -> None:
+        """Place the held document, if any: in validation if that is still empty."""
+        if self.held.active:
+            self.held.move_to(self.val if self.want_val and self.val.documents == 0 else self.train, self.eot)
+
+
+def _batches(items: Iterable[Piece], batch_bytes: int) -> Iterator[list[Piece]]:
+    """Consecutive pieces in lists of about ``batch_bytes`` of text."""
+    batch: list[Piece] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        size += item.nbytes
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -126,15 +247,28 @@ def prepare(
     bpe_min_frequency: int = 2,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
     batch_bytes: int = 1 << 21,
+    read_bytes: int = READ_BYTES,
+    hold_tokens: int = 1 << 24,
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into shards under ``out_dir``; returns the ``meta.json`` content.
 
     See the :mod:`disco_ds.data.prepare` docstring for the inputs, tokenizers, split and layout. ``val_tokens``
     (if given) replaces ``val_fraction``; ``val_fraction=0`` with no ``val_tokens`` writes no
     validation split. ``progress`` shows a tqdm bar on a terminal and a line per ~5% of the files otherwise.
+
+    ``workers`` processes tokenize (None: the usable cores, but this process for the byte
+    tokenizer and for a tokenizer object without :meth:`~Tokenizer.portable`; 1: this process, no
+    pool);
+    the shards and ``meta.json`` are the same for any number. Text goes to them in batches of
+    about ``batch_bytes`` (an input of one batch is encoded here); a text file is read
+    ``read_bytes`` at a time; a training document held back for the validation split spills to a
+    temporary file beyond ``hold_tokens`` tokens.
     """
     t0 = time.time()
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"--workers must be a whole number of processes, at least 1; got {workers!r}")
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     out = Path(out_dir)
@@ -151,87 +285,62 @@ def prepare(
         raise ValueError(f"--val-tokens must be >= 0, got {val_tokens}")
 
     sources = collect_sources([Path(p) for p in inputs], glob, exclude)
-    log = _Progress(progress, sources, max_bytes)
 
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:
         if progress and str(tokenizer).startswith("bpe:"):
             print(f"prepare: training {tokenizer} on the input text ...", file=sys.stderr, flush=True)
+        # The pieces of a text file are cut where GPT-2's pre-tokenizer, which bpe:N uses,
+        # splits anyway: the training sees the same words as on whole files.
         tok = make_tokenizer(
             str(tokenizer),
-            train_texts=lambda: (text for _, text, _ in documents(sources, text_field, max_bytes)),
+            train_texts=lambda: (p.text for p in pieces(sources, text_field, max_bytes, read_bytes)),
             eot_token=eot_token,
             min_frequency=bpe_min_frequency,
         )
+    if workers is None:
+        # The byte tokenizer's encoding costs less than sending the text to a worker: a pool only
+        # slows it down (the standard library's .py files: 44-54 MB/s in this process, 7.5 MB/s
+        # through 2 workers, their start included).
+        workers = usable_cores() if tok.kind != "byte" and tok.portable() is not None else 1
     dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
 
     out.mkdir(parents=True, exist_ok=True)
     _clear_output(out, overwrite)
     writers = {s: _ShardWriter(out, s, shard_tokens, dtype) for s in ("train", "val")}
-    eot = np.array([tok.eot_id], dtype=np.int64)
-    use_val_tokens = val_tokens is not None
-    want_val = (val_tokens > 0) if use_val_tokens else val_fraction > 0
-    rng = np.random.default_rng(seed)
-    draws = np.zeros(0)
-    doc_index = 0
-    # The newest training document is held back, so that it can become the validation document
-    # when the draws picked none.
-    pending: np.ndarray | None = None
-    bytes_read = 0
+    eot = np.array([tok.eot_id], dtype=dtype)
+    held = _HeldDocument(out, dtype, hold_tokens)
+    splitter = _Splitter(writers, held, eot, val_fraction, val_tokens, seed)
+    log = _Progress(progress, sources, max_bytes)
     per_source = np.zeros((len(sources), 2), dtype=np.int64)  # documents, tokens
-
-    def route(src: int, ids: np.ndarray) -> None:
-        nonlocal pending, doc_index, draws
-        if use_val_tokens:
-            to_val = want_val and writers["val"].tokens < val_tokens
-        else:
-            if doc_index >= draws.size:
-                draws = rng.random(4096)
-                doc_index = 0
-            to_val = bool(draws[doc_index] < val_fraction)
-            doc_index += 1
-        per_source[src] += (1, ids.size + 1)
-        if to_val:
-            writers["val"].add_document(ids, eot)
-            return
-        if pending is not None:
-            writers["train"].add_document(pending, eot)
-        pending = ids
-
-    batch: list[tuple[int, str]] = []
-    batch_size = 0
+    bytes_read = 0
     current = -1
-
-    def flush() -> None:
-        nonlocal batch, batch_size
-        if batch:
-            for (src, _), ids in zip(batch, tok.encode_arrays([t for _, t in batch])):
-                route(src, ids)
-        batch, batch_size = [], 0
-
-    for src, text, nbytes in documents(sources, text_field, max_bytes):
-        if src != current:
-            flush()
-            log.finished_sources(current, src, per_source)
-            current = src
-        batch.append((src, text))
-        batch_size += nbytes
-        bytes_read += nbytes
-        log.advance(nbytes)
-        if batch_size >= batch_bytes:
-            flush()
-    flush()
-    log.finished_sources(current, current + 1, per_source)
-    log.close()
-
-    if pending is not None:
-        if want_val and writers["val"].documents == 0:
-            writers["val"].add_document(pending, eot)
-        else:
-            writers["train"].add_document(pending, eot)
+    # A tokenizer that cannot encode a text file in pieces gets each one whole.
+    items = pieces(sources, text_field, max_bytes, read_bytes if tok.piecewise else None)
+    try:
+        with Encoder(tok, workers, dtype, text=lambda piece: piece.text) as encoder:
+            for batch, arrays in encoder.map(_batches(items, batch_bytes)):
+                for piece, ids in zip(batch, arrays):
+                    if piece.source != current:
+                        log.finished_sources(current, piece.source, per_source)
+                        current = piece.source
+                    splitter.add(ids, piece.last)
+                    per_source[piece.source] += (piece.last, ids.size + piece.last)
+                    bytes_read += piece.nbytes
+                    log.advance(piece.nbytes, ids.size + piece.last)
+        log.finished_sources(current, current + 1, per_source)
+        splitter.finish()
+    except EncodeError as e:
+        piece = e.item
+        raise ValueError(
+            f"{location(sources[piece.source], piece.where)}: the {tok.name} tokenizer failed: {e.message}"
+        ) from None
+    finally:
+        held.discard()
     for w in writers.values():
         w.close()
+    tokenize_seconds = log.close(encoder.used)
     if writers["train"].documents == 0:
         total = writers["train"].documents + writers["val"].documents
         raise ValueError(
@@ -258,7 +367,7 @@ def prepare(
         "exclude": list(exclude),
         "text_field": text_field,
         "seed": int(seed),
-        "val_fraction": None if use_val_tokens else float(val_fraction),
+        "val_fraction": None if val_tokens is not None else float(val_fraction),
         "val_tokens": val_tokens,
         "shard_tokens": int(shard_tokens),
         "max_bytes": max_bytes,
@@ -266,31 +375,60 @@ def prepare(
     _write_json_atomic(out / "meta.json", meta)
     meta["seconds"] = round(time.time() - t0, 3)
     if progress:
-        print(summary_line(meta, out), flush=True)
+        print(summary_line(meta, out, tokenize_seconds=tokenize_seconds, workers=encoder.used), flush=True)
     return meta
 
 
-def summary_line(meta: dict[str, Any], out: str | os.PathLike) -> str:
-    """One line describing a ``prepare`` result."""
+def _rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def summary_line(
+    meta: dict[str, Any],
+    out: str | os.PathLike,
+    *,
+    tokenize_seconds: float | None = None,
+    workers: int | None = None,
+) -> str:
+    """One line describing a ``prepare`` result, with its throughput: text MB/s and tokens/s over
+    ``tokenize_seconds`` (the tokenizing pass, with ``workers`` processes) when given, else over
+    the whole run's ``meta["seconds"]``."""
     tokens, docs, shards = meta["tokens"], meta["documents"], meta["shards"]
-    return (
+    line = (
         f"prepare: {meta['num_files']} file(s), {meta['bytes'] / 1e6:.2f} MB, "
         f"{docs['train'] + docs['val']} documents -> train {tokens['train']:,} tokens "
         f"({len(shards['train'])} shard(s)), val {tokens['val']:,} tokens ({len(shards['val'])} shard(s)); "
         f"tokenizer {meta['tokenizer']['name']} (vocab {meta['vocab_size']}, eot {meta['eot_id']}, "
         f"{meta['dtype']}) -> {out}"
-        + (f" in {meta['seconds']:.1f} s" if "seconds" in meta else "")
     )
+    total = tokens["train"] + tokens["val"]
+
+    def rates(seconds: float) -> str:
+        return f"{_rate(meta['bytes'], seconds) / 1e6:.2f} MB/s, {_rate(total, seconds):,.0f} tokens/s"
+
+    if "seconds" in meta:
+        line += f" in {meta['seconds']:.1f} s"
+    if tokenize_seconds is not None:
+        workers_text = f" with {workers} worker(s)" if workers else ""
+        line += f"; tokenizing {tokenize_seconds:.1f} s{workers_text}: {rates(tokenize_seconds)}"
+    elif "seconds" in meta:
+        line += f": {rates(meta['seconds'])}"
+    return line
 
 
 class _Progress:
-    """A tqdm bar over input bytes on a terminal; otherwise a line per ~5% of the files."""
+    """Throughput of the tokenizing pass, shown as a tqdm bar over input bytes on a terminal,
+    otherwise as a line per ~5% of the files; :meth:`close` reports the whole pass."""
 
     def __init__(self, enabled: bool, sources: Sequence[Source], max_bytes: int | None):
         self.sources = sources
         self.enabled = enabled
         self.bar = None
         self.lines = False
+        self.start = time.perf_counter()
+        self.bytes = 0
+        self.tokens = 0
+        self.shown = self.start  # when the bar's tokens/s was last updated
         if not enabled:
             return
         if sys.stderr.isatty():
@@ -303,9 +441,20 @@ class _Progress:
         else:
             self.lines = True
 
-    def advance(self, nbytes: int) -> None:
+    def _rates(self) -> str:
+        seconds = time.perf_counter() - self.start
+        return f"{_rate(self.bytes, seconds) / 1e6:.2f} MB/s, {_rate(self.tokens, seconds):,.0f} tokens/s"
+
+    def advance(self, nbytes: int, ntokens: int) -> None:
+        """Count text whose tokens reached the writers."""
+        self.bytes += nbytes
+        self.tokens += ntokens
         if self.bar is not None:
             self.bar.update(nbytes)
+            now = time.perf_counter()
+            if now - self.shown > 0.5:  # tqdm shows MB/s itself; tokens/s at most twice a second
+                self.bar.set_postfix_str(f"{_rate(self.tokens, now - self.start):,.0f} tokens/s", refresh=False)
+                self.shown = now
 
     def finished_sources(self, start: int, stop: int, counts: np.ndarray) -> None:
         """Report sources ``start`` up to ``stop`` (exclusive) as finished."""
@@ -319,9 +468,16 @@ class _Progress:
             if (i + 1) % every and i + 1 != n:
                 continue
             done = counts[: i + 1].sum(axis=0)
-            print(f"prepare: [{i + 1}/{n}] files, {int(done[0]):,} documents, {int(done[1]):,} tokens "
-                  f"(last: {self.sources[i].path})", file=sys.stderr)
+            print(f"prepare: [{i + 1}/{n}] files, {int(done[0]):,} documents, {int(done[1]):,} tokens, "
+                  f"{self._rates()} (last: {self.sources[i].path})", file=sys.stderr)
 
-    def close(self) -> None:
+    def close(self, workers: int) -> float:
+        """End the display, report the pass's throughput with ``workers`` processes; returns the
+        pass's seconds."""
+        seconds = time.perf_counter() - self.start
         if self.bar is not None:
             self.bar.close()
+        if self.enabled:
+            print(f"prepare: tokenized {self.bytes / 1e6:.2f} MB into {self.tokens:,} tokens in {seconds:.1f} s "
+                  f"with {workers} worker(s): {self._rates()}", file=sys.stderr, flush=True)
+        return seconds
