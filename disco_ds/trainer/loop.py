@@ -34,6 +34,7 @@ from disco_ds.trainer.evaluation import eval_sample, readable_metrics
 from disco_ds.trainer.guidance import NormGuide, reachable_norm
 from disco_ds.trainer.metrics import OUTPUT_NORM, RUN_LOG, MetricsLogger, RunLog, flops_per_token, memory_gib
 from disco_ds.optim import Scion
+from disco_ds.optim.monitor import NormMonitor
 from disco_ds.integrations.reshard import load_portable, save_portable
 from disco_ds.trainer.resume import plan_resume, run_record
 from disco_ds.trainer.preflight import DataCheck, check_data, check_resume, check_sampling, check_vocabulary, check_windows
@@ -172,6 +173,10 @@ class _DivergenceWatch:
         return None
 
 
+OUTPUT_ONLY = frozenset({"output"})
+"""The group whose norm the trainer measures on every step (:attr:`disco_ds.Scion.track_norms`)."""
+
+
 class _PendingSteps:
     """Optimizer steps whose loss is still on the device, read back together at the next log point.
 
@@ -184,12 +189,16 @@ class _PendingSteps:
     def __init__(self) -> None:
         self.rows: list[tuple[int, dict[str, Any]]] = []
         self.losses: list[torch.Tensor] = []
+        self.norms: list[dict[str, torch.Tensor]] = []
         self.since = time.perf_counter()
 
-    def add(self, step: int, loss: torch.Tensor, metrics: dict[str, Any]) -> None:
-        """Queue ``step``'s mean micro-batch loss (a 0-dim tensor on the device) and other metrics."""
+    def add(self, step: int, loss: torch.Tensor, metrics: dict[str, Any],
+            norms: dict[str, torch.Tensor] | None = None) -> None:
+        """Queue ``step``'s mean micro-batch loss (a 0-dim tensor on the device), host metrics and
+        Scion's monitored norms (:meth:`disco_ds.Scion.pop_norms`, still on the device)."""
         self.rows.append((step, metrics))
         self.losses.append(loss.reshape(()).float())
+        self.norms.append(norms or {})
 
     def read(self) -> tuple[list[tuple[int, float, dict[str, Any]]], float]:
         """``([(step, loss averaged over ranks, metrics), ...], seconds per step)`` of the pending
@@ -198,11 +207,20 @@ class _PendingSteps:
         if dist.get_world_size() > 1:
             dist.all_reduce(losses)
             losses /= dist.get_world_size()
-        values = losses.tolist()
+        # The norms (the same on every rank) travel back in the same copy as the losses.
+        totals = [t.float().reshape(-1) for norms in self.norms for t in norms.values()]
+        values = torch.cat([losses, *totals]).tolist()
+        pos = len(self.losses)
+        out = []
+        for (step, metrics), value, norms in zip(self.rows, values, self.norms):
+            row = dict(metrics)
+            for label, t in norms.items():
+                row.update(NormMonitor.metrics(label, values[pos : pos + t.numel()]))
+                pos += t.numel()
+            out.append((step, value, row))
         now = time.perf_counter()
         seconds_per_step = (now - self.since) / len(self.rows)
-        out = [(step, value, metrics) for (step, metrics), value in zip(self.rows, values)]
-        self.rows, self.losses, self.since = [], [], now
+        self.rows, self.losses, self.norms, self.since = [], [], [], now
         return out, seconds_per_step
 
 
@@ -337,6 +355,7 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
     last_checkpoint = resume_from
     loss_value = val_loss = float("nan")
     pending = _PendingSteps()
+    norms_every = cfg.logging.norms_interval or cfg.logging.interval
 
     # The portable file lets a resume change the world size or ZeRO stage (Scion, no TP only).
     portable = cfg.checkpoint.portable and scion and cfg.train.tp_size == 1
@@ -358,6 +377,9 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
         nonlocal loss_value, projection
         rows = []
         read, seconds_per_step = pending.read()
+        # The optimizer's timers and byte counter over the span, per step: read here, not every
+        # step (on a GPU, reading its CUDA-event timers waits for the device).
+        span = {k: v / len(read) for k, v in optimizer.pop_metrics().items()} if scion else {}
         tokens_per_s = plan.batch_tokens / seconds_per_step
         for row_step, loss, metrics in read:
             cause = watch.check(row_step, loss)
@@ -369,7 +391,7 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
                     print(message, flush=True)
                 raise (Diverged if math.isfinite(loss) else NonFiniteLoss)(message)
             loss_value = loss
-            rows.append((row_step, {"loss": loss, **metrics, "tokens_per_s": tokens_per_s,
+            rows.append((row_step, {"loss": loss, **metrics, **span, "tokens_per_s": tokens_per_s,
                                     "mfu": flops * tokens_per_s / peak_flops if peak_flops > 0 else 0.0}))
             if guide is not None and OUTPUT_NORM in metrics:
                 guide.observe(row_step, float(metrics[OUTPUT_NORM]))
@@ -385,8 +407,8 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
                             cfg.schedule.min_lr_ratio)
         for group, peak in zip(optimizer.param_groups, peaks):
             group["lr"] = peak * factor
-        if scion:
-            optimizer.track_norms = step % cfg.logging.norms_interval == 0
+        if scion:  # every group's norms each norms_interval; the output layer's (the paper's instrument) always
+            optimizer.track_norms = True if step % norms_every == 0 else OUTPUT_ONLY
         loss_sum = torch.zeros((), device=device)
         for _ in range(plan.accumulation):
             inputs, targets = stream.next_batch()
@@ -403,9 +425,7 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
         metrics: dict[str, Any] = {"tokens": float(tokens), "memory_gib": memory_gib()}
         for group in optimizer.param_groups:
             metrics[f"lr/{group['role']}"] = float(group["lr"])
-        if scion:
-            metrics.update(optimizer.pop_metrics())
-        pending.add(step, loss_sum / plan.accumulation, metrics)
+        pending.add(step, loss_sum / plan.accumulation, metrics, optimizer.pop_norms() if scion else None)
 
         last = step == plan.run_steps
         evaluate = bool(cfg.eval.interval and step % cfg.eval.interval == 0) or last
