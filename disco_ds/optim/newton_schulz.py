@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["orthogonalize", "NS_METHODS", "QUINTIC_COEFFS", "POLAR_EXPRESS_COEFFS", "ns_flops"]
+__all__ = ["orthogonalize", "compile_iteration", "NS_METHODS", "QUINTIC_COEFFS", "POLAR_EXPRESS_COEFFS", "ns_flops"]
 
 NSMethod = Literal["quintic", "polar_express", "svd"]
 NS_METHODS: tuple[str, ...] = ("quintic", "polar_express", "svd")
@@ -74,6 +74,18 @@ def _polynomial_iteration(G: torch.Tensor, steps: int, method: str) -> torch.Ten
     return X.reshape(*batch_shape, *X.shape[-2:])
 
 
+_iteration = _polynomial_iteration
+"""What :func:`orthogonalize` runs: :func:`_polynomial_iteration`, or its compiled form (:func:`compile_iteration`)."""
+
+
+def compile_iteration(enabled: bool = True) -> None:
+    """Run the polynomial iteration of every later :func:`orthogonalize` call ``torch.compile``-d
+    (one graph of its bf16 matmuls and fused multiply-adds per matrix shape and method), or, with
+    ``enabled=False``, eagerly again. Process-wide: ``train.compile`` turns it on at startup."""
+    global _iteration
+    _iteration = torch.compile(_polynomial_iteration) if enabled else _polynomial_iteration
+
+
 def _svd_polar(G: torch.Tensor) -> torch.Tensor:
     """Exact ``U Vᵀ`` in fp32; rank-deficient directions (σ ≈ 0) map to 0, like NS does."""
     G32 = G.float()
@@ -108,7 +120,7 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic")
         raise ValueError(f"orthogonalize: steps must be ≥ 1, got {steps}")
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G
-    X = _polynomial_iteration(X, steps, method)
+    X = _iteration(X, steps, method)
     if tall:
         X = X.mT
     return X.to(G.dtype)

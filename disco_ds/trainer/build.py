@@ -24,6 +24,7 @@ from deepspeed.accelerator import get_accelerator
 from disco_ds.trainer.config import RunConfig
 from disco_ds.integrations.deepspeed_config import check_deepspeed_config, gradient_dtype_keys, lookup, resolve_auto
 from disco_ds.optim import Scion
+from disco_ds.optim.newton_schulz import compile_iteration
 from disco_ds.optim.param_groups import classify_parameters, scion_param_groups
 from disco_ds.distributed.tensor_parallel import autotp_config
 from disco_ds.trainer.scaling import Plan
@@ -187,8 +188,9 @@ def build_model(cfg: RunConfig, model_config: NormGPTConfig, ds_config: dict[str
 def build_engine(cfg: RunConfig, model_config: NormGPTConfig, plan: Plan, ds_config: dict[str, Any],
                  device: torch.device, phase_done: Callable[[str], None] | None = None) -> tuple[Any, torch.optim.Optimizer]:
     """``(engine, optimizer)``: the DeepSpeed engine around :func:`build_model`'s model and our
-    optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it). ``phase_done`` is called
-    with the name of each finished phase (model built, engine ready)."""
+    optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it). With ``train.compile`` the
+    model and Newton–Schulz are ``torch.compile``-d (compiled at their first call). ``phase_done``
+    is called with the name of each finished phase (model built, engine ready)."""
     phase_done = phase_done or (lambda _phase: None)
     model = build_model(cfg, model_config, ds_config, device)
     phase_done("model built")
@@ -196,5 +198,10 @@ def build_engine(cfg: RunConfig, model_config: NormGPTConfig, plan: Plan, ds_con
     # their shards inside deepspeed.initialize, and the optimizer must hold what is stepped.
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            optimizer=lambda _params: _build_optimizer(cfg, model, plan))
+    if cfg.train.compile:
+        # The engine compiles its module in place (nn.Module.compile): parameter names, hence
+        # checkpoints and exports, stay the eager model's, and ZeRO's hooks stay on the module.
+        engine.compile()
+        compile_iteration()
     phase_done("engine ready")
     return engine, engine.basic_optimizer

@@ -158,6 +158,10 @@ class TrainConfig:
     ``float32`` (Megatron's fp32 main gradient) or ``bfloat16`` (half the gradient memory and
     traffic). Only matters with ``bf16: true``; without ZeRO (``zero_stage: 0``) DeepSpeed
     accumulates in the model's dtype, so a bf16 model there needs ``bfloat16``."""
+    compile: bool = False
+    """``torch.compile`` the model (through the DeepSpeed engine, with the accelerator's default
+    backend) and Scion's Newton–Schulz iteration. The first steps pay the compilation; a CPU run
+    needs a C++ compiler."""
     seed: int = 0
     reference_world_size: int = 8
     """Data-parallel size the recipe is sized for (what ``disco_ds recipe`` prints)."""

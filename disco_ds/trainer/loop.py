@@ -22,7 +22,6 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from deepspeed.accelerator import get_accelerator
 
@@ -76,10 +75,15 @@ def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _loss(engine: Any, inputs: torch.Tensor, targets: torch.Tensor, eot_id: int | None) -> torch.Tensor:
     """Mean next-token loss of a window; with ``eot_id`` (``data.document_mask``) every document in
-    it attends only to itself. No KV cache: a forward in eval mode would otherwise keep one."""
+    it attends only to itself. No KV cache: a forward in eval mode would otherwise keep one.
+
+    The model computes the loss itself from its final hidden states, a chunk of tokens at a time
+    (``return_logits=False``; ``shift_labels``: the targets are already the next tokens), so the
+    float32 logits of the whole micro-batch never exist. It runs inside the engine's forward, so
+    ZeRO-3 gathers the output layer's weight for it as for any other layer."""
     position_ids = document_positions(inputs, eot_id) if eot_id is not None else None
-    logits = engine(input_ids=inputs, position_ids=position_ids, use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return engine(input_ids=inputs, position_ids=position_ids, use_cache=False, labels=targets, shift_labels=targets,
+                  return_logits=False).loss
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """NormGPT: the "norm-everywhere" GPT of Filatov, Wang, Ebert and Kesselheim (arXiv 2510.03871).
 
-Read top to bottom: helpers (RMSNorm, RoPE, masks), attention, MLP, block, the HF base model, and
-the causal LM head with loss and generation.
+Read top to bottom: helpers (RMSNorm, RoPE, masks), attention, MLP, block, the chunked
+linear + cross-entropy loss, the HF base model, and the causal LM head with loss and generation.
 
 The idea: put a parameter-free RMSNorm in front of *every* linear layer, so each matrix always
 sees inputs of RMS 1. Then the operator norms Scion controls (RMS->RMS for hidden matrices,
@@ -45,31 +45,55 @@ from .configuration_norm_gpt import NormGPTConfig
 # ----------------------------------------------------------------------------- helpers
 
 
+def _inverse_rms(xf, eps, width, group):
+    """1/RMS of every row of float32 `xf` as [..., 1], over a last dimension of `width` entries of
+    which this rank holds a slice when `group` is given (the partial sums of squares all-reduced)."""
+    squares = xf.square().sum(dim=-1, keepdim=True)
+    if group is not None:
+        dist.all_reduce(squares, group=group)
+    return torch.rsqrt(squares / width + eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x·r, r = (mean(x²) + eps)^(-1/2) per row, in float32 inside and returned in x's dtype.
+
+    Autograd's own graph for the float32 computation would keep a float32 copy of x for backward:
+    in a bf16 model, with a norm before every linear layer, those copies are a large share of the
+    activation memory. This function keeps x in its own dtype and r (float32, one number per row)
+    and computes the gradient from them, in float32:
+
+        dx = r·(g − x·r²·mean(g·x))
+
+    With a tensor-parallel `group` the row sums (of x² forward, of g·x backward) run over the whole
+    width: each rank's gradient needs every rank's share of mean(g·x).
+    """
+
+    @staticmethod
+    def forward(ctx, x, eps, width, group):
+        xf = x.float()
+        r = _inverse_rms(xf, eps, width, group)
+        ctx.save_for_backward(x, r)
+        ctx.width, ctx.group = width, group
+        return (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, r = ctx.saved_tensors
+        xf, gf = x.float(), grad.float()
+        dot = (gf * xf).sum(dim=-1, keepdim=True)
+        if ctx.group is not None:
+            dist.all_reduce(dot, group=ctx.group)
+        return (r * (gf - xf * (r.square() * dot / ctx.width))).to(x.dtype), None, None, None
+
+
 def rms_norm(x, eps):
     """Parameter-free RMSNorm over the last dimension, computed in float32.
 
     Upcasting keeps bf16 models numerically safe (the mean of squares is taken in float32) and
-    makes the result independent of the model dtype up to the final rounding.
+    makes the result independent of the model dtype up to the final rounding. Autograd keeps no
+    float32 copy of x (see `_RMSNorm`).
     """
-    return F.rms_norm(x.float(), (x.size(-1),), eps=eps).type_as(x)
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over a process group whose result every rank uses for its own slice of the activations:
-    the gradient of the sum is the sum of every rank's contribution, so backward all-reduces too."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+    return sharded_rms_norm(x, eps, x.size(-1))
 
 
 def sharded_rms_norm(x, eps, width, group=None):
@@ -78,12 +102,18 @@ def sharded_rms_norm(x, eps, width, group=None):
     Each rank holds a slice of the dimension (e.g. its heads before a row-parallel Wo); the mean of
     squares is taken over the whole dimension (all-reduced partial sums, float32), never per shard,
     so the result equals `rms_norm` of the unsplit tensor. With no group this *is* `rms_norm`.
+
+    With a gradient to compute this runs `_RMSNorm`; without (inference, generation, export) the
+    same arithmetic runs as plain operations, fused by `F.rms_norm` when nothing is sharded.
     """
     if group is None:
-        return rms_norm(x, eps)
+        width = x.size(-1)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RMSNorm.apply(x, eps, width, group)
+    if group is None:
+        return F.rms_norm(x.float(), (width,), eps=eps).type_as(x)
     xf = x.float()
-    total = _AllReduceSum.apply(xf.square().sum(dim=-1, keepdim=True), group)
-    return (xf * torch.rsqrt(total / width + eps)).type_as(x)
+    return (xf * _inverse_rms(xf, eps, width, group)).type_as(x)
 
 
 def row_parallel_group(linear):
@@ -96,6 +126,12 @@ def row_parallel_group(linear):
     if getattr(linear, "tp_world_size", 1) > 1:
         return getattr(linear, "mp_group", None)
     return None
+
+
+def _is_whole_linear(linear):
+    """Whether `linear` is a plain `nn.Linear` holding its whole weight: not a tensor-parallel
+    replacement (duck-typed as in `row_parallel_group`), whose weight is one rank's shard."""
+    return isinstance(linear, nn.Linear) and getattr(linear, "tp_world_size", 1) == 1
 
 
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
@@ -287,6 +323,103 @@ class NormGPTBlock(GradientCheckpointingLayer):
         x = x + self.residual_scale * y
         x = x + self.residual_scale * self.mlp(rms_norm(x, self.eps))
         return x, weights
+
+
+# ----------------------------------------------------------------------------- loss
+
+# Logits one chunk of `linear_cross_entropy` holds at a time: 32 Mi (128 MiB in float32). At a
+# 50k vocabulary that is ~670 tokens, a matmul still large enough to keep an accelerator busy.
+LOSS_CHUNK_LOGITS = 1 << 25
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, a chunk of tokens at a time.
+
+    Forward keeps, per token, only the float32 log-sum-exp of its logits; backward recomputes each
+    chunk's logits from hidden and weight instead of keeping them (one more head matmul, in
+    exchange for never holding [tokens, vocab]). Each chunk's logits are made in `compute_dtype`
+    (the autocast dtype under autocast, else the inputs'), the softmax is taken in float32, and
+    the gradients are computed in `compute_dtype` as autograd would for the unchunked expression;
+    the weight's gradient is summed over the chunks in float32. Each chunk works in place in its
+    float32 logits, so a chunk holds one [chunk, vocab] float32 buffer at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk, compute_dtype):
+        w = weight.to(compute_dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            stop = min(start + chunk, hidden.shape[0])
+            logits = F.linear(hidden[start:stop].to(compute_dtype), w).float()
+            t = targets[start:stop]
+            valid = t != ignore_index
+            # Ignored tokens gather from class 0 (ignore_index may be negative) and are masked out.
+            picked = logits.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
+            # log-sum-exp in place: one [chunk, vocab] buffer, where torch.logsumexp would add two.
+            top = logits.amax(dim=-1, keepdim=True)
+            lse[start:stop] = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
+            total += torch.where(valid, lse[start:stop] - picked, 0.0).sum()
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.ignore_index, ctx.chunk, ctx.compute_dtype = ignore_index, chunk, compute_dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        w = weight.to(ctx.compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # One chunk: its product is the gradient. Several: summed in float32, so that a bf16
+        # gradient is rounded once, not once per chunk (for a bf16 weight a float32 copy of its
+        # gradient: as many bytes as the float32 logits of d_model tokens).
+        several = hidden.shape[0] > ctx.chunk
+        grad_weight = None
+        if need_weight and several:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            stop = min(start + ctx.chunk, hidden.shape[0])
+            h = hidden[start:stop].to(ctx.compute_dtype)
+            t = targets[start:stop]
+            valid = t != ctx.ignore_index
+            # d(lse - logit_t)/dlogits = softmax - onehot(t), scaled by the incoming gradient;
+            # in place in the recomputed logits, the chunk's only [chunk, vocab] float32 buffer.
+            grad_logits = F.linear(h, w).float().sub_(lse[start:stop, None]).exp_()
+            grad_logits.scatter_add_(1, torch.where(valid, t, 0)[:, None], -valid.float()[:, None])
+            grad_logits.mul_(torch.where(valid, grad_total, 0.0)[:, None])
+            grad_logits = grad_logits.to(ctx.compute_dtype)
+            if need_hidden:
+                grad_hidden[start:stop] = grad_logits @ w
+            if need_weight and several:
+                grad_weight += grad_logits.t() @ h
+            elif need_weight:
+                grad_weight = grad_logits.t() @ h
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_size=None):
+    """Sum over tokens of cross_entropy(hidden @ weight.T, targets), without [tokens, vocab] logits.
+
+    hidden [..., d] and targets [...] (tokens equal to `ignore_index` count for nothing); weight
+    [vocab, d], e.g. the output layer's. Returns a float32 scalar: divide by the number of counted
+    tokens for the mean. Autograd keeps hidden, weight and one float32 number per token; the logits
+    exist one chunk of `chunk_size` tokens at a time (default: `LOSS_CHUNK_LOGITS // vocab`), in
+    forward and again in backward. Under autocast the logits are made in the autocast dtype, as
+    `F.linear` would make them.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {targets.shape[0]} targets for {hidden.shape[0]} hidden states")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    chunk = chunk_size or max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk, compute_dtype)
 
 
 # ----------------------------------------------------------------------------- HF models
@@ -517,13 +650,23 @@ class NormGPTForCausalLM(NormGPTPreTrainedModel, GenerationMixin):
         return_dict=None,
         logits_to_keep=0,
         cache=None,
+        return_logits=True,
         **kwargs,
     ):
         """Logits for the (last `logits_to_keep`, 0 = all) positions; with `labels` (same shape as
         input_ids, -100 = ignore) also the next-token loss. Labels are shifted inside the loss, as in
         every HF causal LM. The Trainer's `num_items_in_batch` (and `ignore_index`, `shift_labels`)
         go to `self.loss_function`, which then normalises by that count instead of the local mean.
+
+        return_logits=False (needs `labels`): the loss only, `logits` is None. The loss is then the
+        same one computed by `linear_cross_entropy`, a chunk of tokens at a time, so that no
+        [tokens, vocab] logits exist at once, in forward or backward (what a pretraining step wants:
+        at a 50k vocabulary the float32 logits of 16k tokens are 3.2 GB). A tensor-parallel head
+        (its weight a shard of the vocabulary) takes the ordinary path and drops the logits.
+
         Every other argument is the base model's (`NormGPTModel.forward`)."""
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False returns the loss only: pass labels")
         loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
         outputs = self.model(
             input_ids=input_ids,
@@ -539,14 +682,18 @@ class NormGPTForCausalLM(NormGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        # Generation asks for the last position only; skipping the other rows of the vocab-wide
-        # matmul is the single largest saving there.
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        loss = logits = None
+        if not return_logits and _is_whole_linear(self.lm_head):
+            loss = self._chunked_loss(hidden, labels, **loss_kwargs)
+        else:
+            # Generation asks for the last position only; skipping the other rows of the vocab-wide
+            # matmul is the single largest saving there.
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+            if not return_logits:
+                logits = None
 
         output = CausalLMOutputWithPast(
             loss=loss,
@@ -556,6 +703,19 @@ class NormGPTForCausalLM(NormGPTPreTrainedModel, GenerationMixin):
             **{_CACHE_FIELD: outputs[_CACHE_FIELD] if _CACHE_FIELD in outputs else None},
         )
         return output if _pick(return_dict, self.config.return_dict) else output.to_tuple()
+
+    def _chunked_loss(self, hidden, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None):
+        """The loss `self.loss_function` gives for these labels (HF's causal-LM loss: shifted
+        labels unless `shift_labels` is given, mean over counted tokens or sum / num_items_in_batch),
+        from the final hidden states by `linear_cross_entropy`."""
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        total = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels, ignore_index)
+        if num_items_in_batch is None:
+            num_items_in_batch = (shift_labels != ignore_index).sum()
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
 
 
 __all__ = ["NormGPTPreTrainedModel", "NormGPTModel", "NormGPTForCausalLM"]
