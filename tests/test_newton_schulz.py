@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from disco_ds import orthogonalize
-from disco_ds.optim.newton_schulz import POLAR_EXPRESS_COEFFS, QUINTIC_COEFFS, ns_flops
+from disco_ds.optim.newton_schulz import (POLAR_EXPRESS_COEFFS, QUINTIC_COEFFS, ns_flops, ns_transient_bytes,
+                                         orthogonalize_stack)
 
 
 def _ill_conditioned(m: int, n: int, cond: float, gen: torch.Generator) -> torch.Tensor:
@@ -144,3 +145,45 @@ def test_ns_flops_counts_small_gram() -> None:
     # m ≤ n after the transpose: 4·m²·n + 2·m³ per step.
     assert ns_flops(10, 20, 1) == 4 * 100 * 20 + 2 * 1000
     assert ns_flops(20, 10, 5) == ns_flops(10, 20, 5)
+
+
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "svd"])
+@pytest.mark.parametrize("case", ["wide", "tall", "random_square"])
+def test_stack_equals_separate_calls_scaled(case: str, method: str) -> None:
+    """What an owner runs on its matrices equals one orthogonalize per matrix, entry for entry."""
+    gen = torch.Generator().manual_seed(1)
+    mats = [CASES[case]] + [torch.randn(CASES[case].shape, generator=gen) for _ in range(2)]
+    out = orthogonalize_stack(mats, method=method, scale=0.75)
+    assert out.shape == (3, *mats[0].shape) and out.dtype == torch.float32 and out.is_contiguous()
+    for g, u in zip(mats, out):
+        torch.testing.assert_close(u, 0.75 * orthogonalize(g, method=method), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="one shape"):
+        orthogonalize_stack([CASES["wide"], CASES["tall"]])
+
+
+def _peak_bytes_above_start(fn) -> int:
+    """Most bytes CPU tensors held during ``fn()`` above what they held when it began (profiler)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    totals, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            totals.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
+    totals.sort()
+    return max(total for _, total, _ in totals) - (totals[0][1] - totals[0][2])
+
+
+@pytest.mark.parametrize("shape", [(96, 256), (256, 96)])
+def test_stack_peak_memory_is_what_ns_transient_bytes_says(shape: tuple[int, int]) -> None:
+    """No fp32 copy of the inputs: the peak is the bf16 working set (the output comes after it)."""
+    mats = [torch.randn(shape) for _ in range(4)]
+    peak = _peak_bytes_above_start(lambda: orthogonalize_stack(mats))
+    predicted = ns_transient_bytes(*shape, batch=4)
+    # On top: the matmul library's packing workspace (oneDNN's here, 15% of the formula at
+    # these sizes) and a few per-matrix norms.
+    assert predicted <= peak <= 1.25 * predicted, (peak, predicted)

@@ -16,11 +16,12 @@ Pure mathematics: no distributed code lives here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
-__all__ = ["orthogonalize", "compile_iteration", "NS_METHODS", "QUINTIC_COEFFS", "POLAR_EXPRESS_COEFFS", "ns_flops"]
+__all__ = ["orthogonalize", "orthogonalize_stack", "ns_transient_bytes", "compile_iteration", "NS_METHODS", "QUINTIC_COEFFS", "POLAR_EXPRESS_COEFFS", "ns_flops"]
 
 NSMethod = Literal["quintic", "polar_express", "svd"]
 NS_METHODS: tuple[str, ...] = ("quintic", "polar_express", "svd")
@@ -54,23 +55,35 @@ def _coefficients(method: str, steps: int) -> list[tuple[float, float, float]]:
     return [table[min(i, len(table) - 1)] for i in range(steps)]
 
 
-def _polynomial_iteration(G: torch.Tensor, steps: int, method: str) -> torch.Tensor:
-    """Odd polynomial iteration on a wide (rows ≤ cols) batch ``[..., m, n]``."""
-    # Normalise in fp32 so the largest singular value is ≤ 1 (‖G‖_2 ≤ ‖G‖_F), then iterate in bf16.
-    G32 = G.float()
-    fro = torch.linalg.matrix_norm(G32, ord="fro", keepdim=True)
+def _normalize_into(out: torch.Tensor, G: torch.Tensor, method: str) -> None:
+    """``out`` (bf16, ``G``'s shape) ← ``G / ‖G‖_F`` per matrix, divided in fp32 and rounded once on
+    the store: no fp32 copy of the normalised matrix exists. ``‖G‖_2 ≤ ‖G‖_F``, so every singular
+    value starts ≤ 1 (Polar Express also divides by its damping)."""
+    # vector_norm with dtype= reduces in fp32 without a full fp32 (or squared) temporary.
+    fro = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.float32)
     if method == "polar_express":
         fro = fro * _PE_DAMPING
-    X = (G32 / (fro + _EPS)).to(torch.bfloat16)
+    torch.div(G, fro + _EPS, out=out)
+
+
+def _polynomial_iteration(X: torch.Tensor, steps: int, method: str, transposed: bool = False) -> torch.Tensor:
+    """Odd polynomial iteration on a normalised bf16 wide (rows ≤ cols) batch ``[..., m, n]``;
+    with ``transposed``, the result comes out as the contiguous ``[..., n, m]`` transpose."""
     # Fused multiply-adds: B = b·A + c·A·A and X = a·X + B·X in one kernel each.
     fma = torch.addmm if X.ndim == 2 else torch.baddbmm
     batch_shape = X.shape[:-2]
     if X.ndim > 3:  # baddbmm takes one batch dimension
         X = X.reshape(-1, *X.shape[-2:])
-    for a, b, c in _coefficients(method, steps):
+    coefficients = _coefficients(method, steps)
+    for i, (a, b, c) in enumerate(coefficients):
         A = X @ X.mT
         B = fma(A, A, A, beta=b, alpha=c)
-        X = fma(X, B, X, beta=a, alpha=1.0)
+        if transposed and i == len(coefficients) - 1:
+            # B is symmetric, so (a·X + B·X)ᵀ = a·Xᵀ + Xᵀ·B: the last step writes the tall
+            # matrix directly, where transposing afterwards would be one more strided copy.
+            X = fma(X.mT, X.mT, B, beta=a, alpha=1.0)
+        else:
+            X = fma(X, B, X, beta=a, alpha=1.0)
     return X.reshape(*batch_shape, *X.shape[-2:])
 
 
@@ -96,6 +109,23 @@ def _svd_polar(G: torch.Tensor) -> torch.Tensor:
     return (U * mask.unsqueeze(-2)) @ Vh
 
 
+def _check(shape: torch.Size, steps: int, method: str) -> None:
+    if method not in NS_METHODS:
+        raise ValueError(f"orthogonalize: unknown method {method!r}; accepted values: {list(NS_METHODS)}")
+    if len(shape) < 2:
+        raise ValueError(f"orthogonalize needs a matrix or a batch [..., m, n]; got shape {tuple(shape)}")
+    if method != "svd" and steps < 1:
+        raise ValueError(f"orthogonalize: steps must be ≥ 1, got {steps}")
+
+
+def _iterate(X: torch.Tensor, steps: int, method: str) -> torch.Tensor:
+    """The iteration on a normalised bf16 batch in the parameter's orientation: tall matrices are
+    iterated transposed, so that the Gram matrix is the small one. Returns bf16, same orientation,
+    contiguous."""
+    tall = X.size(-2) > X.size(-1)
+    return _iteration(X.mT, steps, method, True) if tall else _iteration(X, steps, method)
+
+
 def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic") -> torch.Tensor:
     """Approximate the orthogonal polar factor ``U Vᵀ`` of a matrix or a batch of matrices.
 
@@ -106,24 +136,60 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic")
         method: ``"quintic"`` (default), ``"polar_express"`` or ``"svd"``.
 
     Returns:
-        A tensor of ``G``'s shape and dtype. Iterative methods normalise in fp32 and run their
+        A new tensor of ``G``'s shape and dtype. Iterative methods normalise in fp32 and run their
         matmuls in bf16; tall matrices are transposed so the Gram matrix is the small one.
         A zero matrix returns zeros.
     """
-    if method not in NS_METHODS:
-        raise ValueError(f"orthogonalize: unknown method {method!r}; accepted values: {list(NS_METHODS)}")
-    if G.ndim < 2:
-        raise ValueError(f"orthogonalize needs a matrix or a batch [..., m, n]; got shape {tuple(G.shape)}")
+    _check(G.shape, steps, method)
     if method == "svd":
         return _svd_polar(G).to(G.dtype)
-    if steps < 1:
-        raise ValueError(f"orthogonalize: steps must be ≥ 1, got {steps}")
-    tall = G.size(-2) > G.size(-1)
-    X = G.mT if tall else G
-    X = _iteration(X, steps, method)
-    if tall:
-        X = X.mT
-    return X.to(G.dtype)
+    X = torch.empty(G.shape, dtype=torch.bfloat16, device=G.device)
+    _normalize_into(X, G, method)
+    X = _iterate(X, steps, method)
+    return X.to(G.dtype) if X.dtype != G.dtype else X
+
+
+def orthogonalize_stack(matrices: Sequence[torch.Tensor], steps: int = 5, method: NSMethod = "quintic",
+                        *, scale: float = 1.0) -> torch.Tensor:
+    """``scale · orthogonalize(m)`` for same-shape matrices ``[m, n]``, as one ``[B, m, n]`` tensor
+    in their dtype, equal entry for entry to the separate calls.
+
+    What an owner of many matrices runs: one batched matmul chain, and no stacked copy of the
+    inputs. Each matrix is normalised straight into its slot of one bf16 batch; the result is
+    converted into the output once and scaled there in place. Transient memory beyond the inputs
+    and the output: the bf16 batch, and the iteration's bf16 Gram products and next iterate
+    (:func:`ns_transient_bytes`).
+    """
+    if not matrices:
+        raise ValueError("orthogonalize_stack: no matrices")
+    first = matrices[0]
+    shape = (len(matrices), *first.shape)
+    _check(first.shape, steps, method)
+    if len(first.shape) != 2 or any(m.shape != first.shape for m in matrices):
+        raise ValueError(f"orthogonalize_stack takes matrices of one shape [m, n]; got {[tuple(m.shape) for m in matrices]}")
+    if method == "svd":
+        out = _svd_polar(torch.stack(list(matrices))).to(first.dtype)
+    else:
+        X = torch.empty(shape, dtype=torch.bfloat16, device=first.device)
+        for i, G in enumerate(matrices):  # by index: a loop variable's view would keep this buffer alive
+            _normalize_into(X[i], G, method)
+        X = _iterate(X, steps, method)
+        out = torch.empty(shape, dtype=first.dtype, device=first.device)
+        out.copy_(X)
+    if scale != 1.0:
+        out.mul_(scale)
+    return out
+
+
+def ns_transient_bytes(rows: int, cols: int, batch: int = 1) -> int:
+    """Peak bytes of the tensors :func:`orthogonalize_stack` allocates for ``batch`` matrices
+    ``rows × cols`` with float32 or bf16 inputs, its output included (``m ≤ n`` after the
+    transpose): during an iteration the normalised bf16 batch, the current and the next iterate
+    (``m·n`` each) and the Gram matrix ``A`` with its polynomial ``B`` (``m²`` each), all bf16;
+    the output is allocated after them. A BLAS library's own workspace inside the matmuls is not
+    counted."""
+    m, n = min(rows, cols), max(rows, cols)
+    return 2 * batch * (3 * m * n + 2 * m * m)
 
 
 def ns_flops(rows: int, cols: int, steps: int = 5) -> int:

@@ -28,11 +28,12 @@ Pure mathematics: no distributed code lives here.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
 
-from disco_ds.optim.newton_schulz import NS_METHODS, orthogonalize
+from disco_ds.optim.newton_schulz import NS_METHODS, orthogonalize, orthogonalize_stack
 
 __all__ = [
     "Norm",
@@ -131,12 +132,14 @@ class MatrixNorm(Norm):
         """The LMO's scale for a parameter of this shape."""
         raise NotImplementedError
 
-    def lmo_batch(self, matrices: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        """LMO of a stack ``[B, m, n]`` of ``to_matrix`` views of parameters of one ``shape``."""
-        return self.scale(shape) * orthogonalize(matrices, steps=self.ns_steps, method=self.ns_method)
+    def lmo_batch(self, matrices: Sequence[torch.Tensor], shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """LMO of ``to_matrix`` views of parameters of one ``shape``, as one ``[B, m, n]`` tensor
+        (:func:`~disco_ds.optim.newton_schulz.orthogonalize_stack`: no stacked copy of the inputs)."""
+        return orthogonalize_stack(matrices, steps=self.ns_steps, method=self.ns_method, scale=self.scale(shape))
 
     def lmo(self, g: torch.Tensor) -> torch.Tensor:
-        return self.lmo_batch(self.to_matrix(g), g.shape).reshape(g.shape)
+        # orthogonalize returns a new tensor: the scale is applied in place.
+        return orthogonalize(self.to_matrix(g), steps=self.ns_steps, method=self.ns_method).mul_(self.scale(g.shape)).reshape(g.shape)
 
     def norm(self, w: torch.Tensor) -> torch.Tensor:
         return torch.linalg.matrix_norm(self.to_matrix(w).float(), ord=2) / self.scale(w.shape)
@@ -352,7 +355,6 @@ def lmo_many(norm: Norm, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(indices) == 1:  # no stacking copy for a lone matrix
             out[indices[0]] = norm.lmo(tensors[indices[0]])
             continue
-        batch = torch.stack([norm.to_matrix(tensors[i]) for i in indices])
-        for i, u in zip(indices, norm.lmo_batch(batch, shape).unbind(0)):
+        for i, u in zip(indices, norm.lmo_batch([norm.to_matrix(tensors[i]) for i in indices], shape).unbind(0)):
             out[i] = u.reshape(shape)
     return out
