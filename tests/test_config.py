@@ -154,7 +154,7 @@ def test_user_deepspeed_json_overrides_but_cannot_contradict_the_plan(tmp_path: 
     plan = plan_run(cfg, 2)
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}}))
     ds = deepspeed_config(cfg, plan)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "compute_grad_norm": False}
     (tmp_path / "ds.json").write_text(json.dumps({"gradient_accumulation_steps": 7}))
     with pytest.raises(ValueError, match="gradient_accumulation_steps=7 contradicts"):
         deepspeed_config(cfg, plan)
@@ -171,6 +171,27 @@ def test_user_deepspeed_json_overrides_but_cannot_contradict_the_plan(tmp_path: 
         (tmp_path / "ds.json").write_text(json.dumps({key: value}))
         with pytest.raises(ValueError, match=owner):
             deepspeed_config(cfg, plan)
+
+
+@pytest.mark.parametrize("overrides, skipped", [
+    (["train.zero_stage=2"], True),
+    (["train.zero_stage=1", "train.bf16=false"], True),
+    (["train.zero_stage=1", "train.bf16=true", "train.grad_dtype=bfloat16"], True),
+    (["train.zero_stage=1", "train.bf16=true", "train.grad_dtype=float32"], False),  # BF16_Optimizer refuses it
+    (["train.zero_stage=3"], False),  # DeepSpeed accepts it at stages 1 and 2 only
+    (["train.zero_stage=0", "train.bf16=false"], False),
+    (["train.zero_stage=2", "optimizer.name=adamw"], False),
+])
+def test_unused_gradient_norm_pass_is_switched_off_where_deepspeed_allows(overrides: list[str], skipped: bool) -> None:
+    """Without clipping nothing reads DeepSpeed's gradient norm; where DeepSpeed 0.19.8 accepts
+    ``compute_grad_norm: false`` the config sets it (a real ZeRO-2 run in tests/test_train.py
+    starts with it)."""
+    cfg = load_config(REPO / "recipes/tiny.yaml", overrides)
+    ds = deepspeed_config(cfg, plan_run(cfg, 2))
+    assert ds["gradient_clipping"] == 0.0
+    assert ("compute_grad_norm" in ds["zero_optimization"]) is skipped
+    if skipped:
+        assert ds["zero_optimization"]["compute_grad_norm"] is False
 
 
 TEMPLATES = sorted((REPO / "recipes/deepspeed").glob("*.json"))

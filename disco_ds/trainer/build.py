@@ -97,7 +97,22 @@ def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
         config = _merge(config, user)
     if cfg.optimizer.name == "scion":
         check_deepspeed_config(config)
+        if _skips_gradient_norm(config):
+            config["zero_optimization"].setdefault("compute_grad_norm", False)
     return config
+
+
+def _skips_gradient_norm(config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed's gradient-norm pass can be switched off: without clipping nothing reads
+    it (Scion's LMO is scale-invariant), yet ZeRO-1/2 spend a pass over the gradient partition
+    and an all-reduce on it every step. DeepSpeed 0.19.8 accepts ``compute_grad_norm: false`` only
+    at ZeRO-1/2 without optimizer offload, and not where stage 1 with a bf16 model and float32
+    gradient accumulation runs its ``BF16_Optimizer``."""
+    stage = lookup(config, "zero_optimization.stage", 0)
+    offload = lookup(config, "zero_optimization.offload_optimizer.device", "none")
+    bf16_optimizer = (stage == 1 and lookup(config, "bf16.enabled", False)
+                      and lookup(config, "data_types.grad_accum_dtype", None) == "fp32")
+    return stage in (1, 2) and not config.get("gradient_clipping") and offload in (None, "none") and not bf16_optimizer
 
 
 def engine_config(cfg: RunConfig, plan: Plan, model_config: NormGPTConfig) -> dict[str, Any]:
