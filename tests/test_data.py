@@ -351,21 +351,30 @@ def test_stream_reads_lazily(tmp_path):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_batches_sequential_and_equal_per_rank(corpus, world):
+    # Contract: the windows used are all of them in file order, or, when max_tokens (or whole
+    # micro-steps) allow only m of the N, the m at evenly spaced places floor(j*N/m), so a cap
+    # still reaches the last shard (it used to take the first m windows: the first shard only).
     expected = all_windows(LENGTHS, SEQ)  # file order
+    n = len(expected)
     micro = 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for max_tokens, n_windows in [(None, len(expected)), (21 * SEQ + 3, 21)]:
+        for max_tokens, n_windows in [(None, n), (21 * SEQ + 3, 21)]:
             per_rank = [
                 [check_rows(x, y, SEQ) for x, y in eval_batches(corpus, SEQ, micro, r, world, max_tokens)]
                 for r in range(world)
             ]
             steps = n_windows // (world * micro)
+            used = steps * world * micro
+            chosen = [expected[j * n // used] for j in range(used)]
+            assert len(set(chosen)) == used
             assert [len(b) for b in per_rank] == [steps] * world
             for k in range(steps):
-                block = expected[k * world * micro : (k + 1) * world * micro]
+                block = chosen[k * world * micro : (k + 1) * world * micro]
                 for r in range(world):
                     assert per_rank[r][k] == block[r::world]
+            if max_tokens is not None:  # the cap still reaches the last shard
+                assert {w // BASE for w in chosen} == {0, 1, 3, 4}
 
 
 def test_eval_batches_too_small(corpus):
@@ -429,12 +438,18 @@ def test_prepare_byte_end_to_end(tmp_path, text_corpus):
     out = tmp_path / "out"
     meta = prep.prepare(inputs, out, "byte", val_fraction=0.3, seed=4, shard_tokens=300, progress=False)
     train, val = read_split(out, "train"), read_split(out, "val")
-    # byte ids: documents are their UTF-8 bytes; the order inside each split is the input order
+    # byte ids: documents are their UTF-8 bytes, in a seeded permutation of all documents (not the
+    # input order, which shuffle=False keeps)
     train_docs = [bytes(d.astype(np.uint8)).decode("utf-8") for d in split_docs(train, 256)]
     val_docs = [bytes(d.astype(np.uint8)).decode("utf-8") for d in split_docs(val, 256)]
     assert sorted(train_docs + val_docs) == sorted(docs)
-    assert [d for d in docs if d in train_docs] == train_docs
-    assert 1 <= len(val_docs) < len(docs)
+    assert [d for d in docs if d in train_docs] != train_docs
+    # validation: round(0.3 * n) documents of each input, at least one (3 files, 4 jsonl rows)
+    assert meta["source_documents"] == {"train": [2, 3], "val": [1, 1]}
+    per_input = [docs[:3], docs[3:]]  # the directory's files, the jsonl's rows
+    for split, chosen in (("train", train_docs), ("val", val_docs)):
+        assert meta["source_tokens"][split] == [sum(len(d.encode()) + 1 for d in chosen if d in group)
+                                                for group in per_input]
     # shard sizes: all but the last of a split hold exactly shard_tokens
     sizes = [parse_shard(p)[0] for p in sorted(out.glob("train_*.bin"))]
     assert all(h == (20240520, 1, 300) for h in sizes[:-1]) and 0 < sizes[-1][2] <= 300
@@ -456,6 +471,12 @@ def test_prepare_byte_end_to_end(tmp_path, text_corpus):
         assert p.read_bytes() == (out2 / p.name).read_bytes()
     x, y = TokenStream(out / "train_*.bin", 16, 2).next_batch()
     assert x.shape == (2, 16) and int(x.max()) <= 256
+    # shuffle=False: the input order inside each split; the validation documents are each input's first
+    kept = prep.prepare(inputs, tmp_path / "kept", "byte", val_fraction=0.3, shuffle=False, progress=False)
+    kept_train = [bytes(d.astype(np.uint8)).decode() for d in split_docs(read_split(tmp_path / "kept", "train"), 256)]
+    kept_val = [bytes(d.astype(np.uint8)).decode() for d in split_docs(read_split(tmp_path / "kept", "val"), 256)]
+    assert kept_val == [docs[0], docs[3]] and kept_train == docs[1:3] + docs[4:]
+    assert kept["shuffle"] is False and meta["shuffle"] is True
     # a rerun into the same directory replaces every shard (fewer shards now: no stale files)
     prep.prepare(inputs, out, "byte", val_fraction=0.3, seed=4, shard_tokens=10_000, progress=False)
     assert sorted(p.name for p in out.glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
@@ -511,14 +532,27 @@ def test_prepare_bpe_end_to_end(tmp_path, text_corpus):
 def test_prepare_split_options(tmp_path, text_corpus):
     inputs, docs = text_corpus
     sizes = [len(d.encode()) + 1 for d in docs]
-    # a tiny fraction still gives one validation document
+    # a tiny fraction still gives one validation document from every input (the directory, the jsonl)
     meta = prep.prepare(inputs, tmp_path / "a", "byte", val_fraction=1e-9, progress=False)
-    assert meta["documents"]["val"] == 1 and meta["documents"]["train"] == len(docs) - 1
-    # --val-tokens: the first documents until at least that many tokens
-    meta = prep.prepare(inputs, tmp_path / "b", "byte", val_tokens=sizes[0] + 1, progress=False)
-    assert meta["tokens"]["val"] == sizes[0] + sizes[1] and meta["documents"]["val"] == 2
-    val_docs = split_docs(read_split(tmp_path / "b", "val"), 256)
-    assert bytes(val_docs[1].astype(np.uint8)).decode() == docs[1]
+    assert meta["source_documents"] == {"train": [2, 3], "val": [1, 1]}
+    assert meta["documents"] == {"train": len(docs) - 2, "val": 2}
+    # --val-tokens: each input's first documents (in the shuffled order) until they hold its share
+    # of the tokens, ceil(n * tokens of the input / all tokens); the last one taken crossed it
+    n = sizes[0] + 1
+    meta = prep.prepare(inputs, tmp_path / "b", "byte", val_tokens=n, seed=1, progress=False)
+    val_docs = [bytes(d.astype(np.uint8)).decode() for d in split_docs(read_split(tmp_path / "b", "val"), 256)]
+    size = {d: len(d.encode()) + 1 for d in docs}
+    for i, group in enumerate([docs[:3], docs[3:]]):
+        taken = [d for d in val_docs if d in group]
+        share = -(-n * sum(size[d] for d in group) // sum(sizes))
+        assert taken and meta["source_tokens"]["val"][i] == sum(size[d] for d in taken)
+        assert sum(size[d] for d in taken) >= share > sum(size[d] for d in taken[:-1])
+    assert meta["tokens"]["val"] >= n
+    # a single-document input gives no validation document (it would leave training without it)
+    solo = tmp_path / "solo.txt"
+    solo.write_text(docs[0])
+    meta = prep.prepare([solo, inputs[1]], tmp_path / "solo", "byte", val_fraction=0.3, progress=False)
+    assert meta["source_documents"] == {"train": [1, 3], "val": [0, 1]}
     # no validation split at all
     meta = prep.prepare(inputs, tmp_path / "c", "byte", val_fraction=0.0, progress=False)
     assert meta["tokens"]["val"] == 0 and not list((tmp_path / "c").glob("val_*"))

@@ -104,21 +104,22 @@ def test_text_file_in_pieces_is_tokenized_as_a_whole(tmp_path, corpus, tokenizer
     assert output_files(tmp_path / "ref_cap") == output_files(tmp_path / "cut_cap")
 
 
-def test_held_back_document_spills_to_disk_with_the_same_result(tmp_path, corpus, monkeypatch):
-    # A tiny fraction draws no validation document: the last training document becomes it, held
-    # back meanwhile; with hold_tokens=100 the held documents go through a temporary file.
+def test_tokens_wait_in_a_temporary_file_in_the_output_directory(tmp_path, corpus, monkeypatch):
+    # The documents are shuffled only once all are tokenized: until then their tokens go to one
+    # anonymous temporary file in --out (not memory), which is gone afterwards.
     import disco_ds.data.prepare.writer as writer
 
-    spills = []
+    spools = []
     temporary_file = writer.tempfile.TemporaryFile
-    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kw: spills.append(kw) or temporary_file(**kw))
-    opts = dict(val_fraction=1e-9, workers=1, progress=False, read_bytes=300, shard_tokens=5_000)
-    meta = prep.prepare(corpus, tmp_path / "mem", "byte", hold_tokens=1 << 30, **opts)
-    assert not spills
-    prep.prepare(corpus, tmp_path / "disk", "byte", hold_tokens=100, **opts)
-    assert spills and all(kw["dir"] == tmp_path / "disk" for kw in spills)
-    assert meta["documents"]["val"] == 1 and meta["tokens"]["val"] > 100
-    assert output_files(tmp_path / "mem") == output_files(tmp_path / "disk")
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kw: spools.append(kw) or temporary_file(**kw))
+    meta = prep.prepare(corpus, tmp_path / "out", "byte", val_fraction=0.1, workers=1, progress=False,
+                        read_bytes=300, shard_tokens=5_000)
+    assert spools == [{"dir": tmp_path / "out"}]
+    names = sorted(output_files(tmp_path / "out"))
+    assert names == sorted(["meta.json", *(f"tokenizer/{n}" for n in ("special_tokens_map.json", "tokenizer.json",
+                            "tokenizer_config.json")), *meta["shards"]["train"], *meta["shards"]["val"]])
+    # every input in both splits: the directory (9 files) and the jsonl (30 rows), 10% of each
+    assert meta["source_documents"] == {"train": [8, 27], "val": [1, 3]}
 
 
 @pytest.mark.parametrize("bad", [0, -2])

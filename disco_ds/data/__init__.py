@@ -2,8 +2,10 @@
 
 * :mod:`.shards`: the shard file format (modded-nanogpt / llm.c ``.bin``): writing, validating,
   reading and listing shards.
-* :mod:`.stream`: the training stream (:class:`TokenStream`), the evaluation batches and the
-  document positions.
+* :mod:`.stream`: the training stream (:class:`TokenStream`: one seeded order over the windows of
+  all shards), the evaluation batches and the document positions.
+* :mod:`.prefetch`: :class:`~disco_ds.data.prefetch.DevicePrefetcher`, the next batches pinned and
+  on their way to the accelerator while the current one trains.
 * :mod:`.prepare`: ``disco_ds prepare``, which tokenizes local text into shards.
 """
 

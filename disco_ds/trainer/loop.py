@@ -29,6 +29,7 @@ from disco_ds.trainer.checkpoint import PORTABLE, load_checkpoint, save_checkpoi
 from disco_ds.trainer.build import build_engine, build_model_config, communication_device, engine_config
 from disco_ds.trainer.config import ConfigError, RunConfig, to_dict
 from disco_ds.data import TokenStream, document_positions, eval_batches
+from disco_ds.data.prefetch import DevicePrefetcher, to_device
 from disco_ds.trainer.evaluation import eval_sample, readable_metrics
 from disco_ds.trainer.guidance import NormGuide, reachable_norm
 from disco_ds.trainer.metrics import OUTPUT_NORM, RUN_LOG, MetricsLogger, RunLog, flops_per_token, memory_gib
@@ -64,15 +65,6 @@ def _rank0_print(rank: int) -> Callable[[str], None]:
     return (lambda message: print(message, flush=True)) if rank == 0 else (lambda _message: None)
 
 
-def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``batch`` (host memory) on ``device`` without waiting: a copy from pageable memory would
-    block the host until the accelerator has finished all queued work, once per micro-batch;
-    from pinned memory it is queued like a kernel."""
-    if device.type == "cpu":
-        return batch
-    return batch.pin_memory().to(device, non_blocking=True)
-
-
 def _loss(engine: Any, inputs: torch.Tensor, targets: torch.Tensor, eot_id: int | None) -> torch.Tensor:
     """Mean next-token loss of a window; with ``eot_id`` (``data.document_mask``) every document in
     it attends only to itself. No KV cache: a forward in eval mode would otherwise keep one.
@@ -94,7 +86,7 @@ def _evaluate(engine: Any, files: list[Path], cfg: RunConfig, device: torch.devi
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss·tokens, tokens
     rank, world = _data_parallel_rank_and_size(cfg)
     for inputs, targets in eval_batches(files, cfg.data.seq_len, cfg.train.micro_batch, rank, world, cfg.eval.tokens):
-        total[0] += _loss(engine, _to_device(inputs, device), _to_device(targets, device), eot_id).double() * targets.numel()
+        total[0] += _loss(engine, to_device(inputs, device), to_device(targets, device), eot_id).double() * targets.numel()
         total[1] += targets.numel()
     engine.train()
     if dist.get_world_size() > 1:
@@ -405,6 +397,9 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
                 rows[-1][1].update({"norm/output/projected": projection.final_norm, "norm/output/target": guide.target})
         logger.log_steps(rows)
 
+    # The next micro-batch is read and on its way to the device while the current one trains; the
+    # stream's position, which checkpoints save, counts only the batches trained on.
+    batches = DevicePrefetcher(stream, device)
     first_step = True
     while step < plan.run_steps:
         factor = wsd_factor(step, plan.steps, cfg.schedule.warmup, cfg.schedule.decay, cfg.schedule.decay_shape,
@@ -415,8 +410,8 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
             optimizer.track_norms = True if step % norms_every == 0 else OUTPUT_ONLY
         loss_sum = torch.zeros((), device=device)
         for _ in range(plan.accumulation):
-            inputs, targets = stream.next_batch()
-            loss = _loss(engine, _to_device(inputs, device), _to_device(targets, device), eot_id)
+            inputs, targets = batches.next_batch()
+            loss = _loss(engine, inputs, targets, eot_id)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach()

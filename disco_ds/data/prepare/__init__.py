@@ -25,6 +25,13 @@ of :mod:`disco_ds.data.shards`), ``meta.json`` (written last: its presence marks
 ``special_tokens_map.json``) that ``transformers.AutoTokenizer.from_pretrained`` loads offline.
 :func:`load_tokenizer` rebuilds the tokenizer from such a directory.
 
+Order: the documents are written in a permutation of all of them drawn from ``--seed``, so the
+documents of every input are spread over every shard (sources given one after another would
+otherwise train one at a time, for as long as each lasts); ``--no-shuffle`` keeps the input order.
+To permute them all, ``prepare`` first writes every document's tokens to a temporary file in
+``--out`` (the directory needs room for the tokens twice meanwhile) and keeps an index of the
+documents in memory (24 bytes each), then writes the shards from that file.
+
 Scale: ``--workers N`` processes tokenize (default: the usable CPU cores; 1 for the byte
 tokenizer, whose encoding costs less than sending text to a worker) batches of text whose results
 are taken in input order, so the shards and ``meta.json`` are byte for byte those of
@@ -36,10 +43,14 @@ pre-tokenization splits anyway, so its tokens are those of the whole file (other
 ``tokenizer.json`` files get each text file whole). The progress display and the summary line
 give the throughput, MB/s of text and tokens/s.
 
-Validation split: with ``--val-fraction f`` each document goes to validation independently with
-probability ``f``, drawn from ``--seed`` (so the split does not depend on the tokenizer), and at
-least one document does; with ``--val-tokens n`` the first documents, in input order, go to
-validation until it holds at least ``n`` tokens.
+Validation split, from every input (each ``--input`` item: a file, a directory or a dataset):
+each input with at least two documents gives its first documents in the written order (so a
+seeded sample, which does not depend on the tokenizer's ids), never all of them: with
+``--val-fraction f`` ``round(f · n)`` of its ``n`` documents, at least one; with ``--val-tokens
+n`` documents until they hold its share of ``n`` tokens (``n`` times its share of all tokens,
+rounded up). If no input has two documents, the first document is the validation split.
+``meta.json`` records the documents and tokens of every input in each split
+(``source_documents``, ``source_tokens``, in the order of ``sources``).
 """
 
 from __future__ import annotations
@@ -78,12 +89,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip directory entries whose name or relative path matches (e.g. site-packages test)")
     parser.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/datasets (default: text)")
     parser.add_argument("--val-fraction", type=float, default=0.01,
-                        help="fraction of documents for validation, at least one (default: 0.01)")
+                        help="fraction of every input's documents for validation, at least one (default: 0.01)")
     parser.add_argument("--val-tokens", default=None,
-                        help="instead: the first documents until validation holds this many tokens (e.g. 1M)")
+                        help="instead: about this many validation tokens (e.g. 1M), every input giving its share")
     parser.add_argument("--shard-tokens", default="100M", help="tokens per shard (default: 100M)")
     parser.add_argument("--max-bytes", default=None, help="stop after this much input text (e.g. 20MB)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the document order and the validation split (default: 0)")
+    parser.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                        help="write the documents in input order (default: a permutation drawn from --seed)")
     parser.add_argument("--eot-token", default=None, help="end-of-text token of a tokenizer.json")
     parser.add_argument("--bpe-min-frequency", type=int, default=2, help="bpe:N training min pair frequency")
     parser.add_argument("--overwrite", action="store_true",
@@ -114,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             workers=args.workers,
+            shuffle=args.shuffle,
         )
     except (ValueError, OSError, ImportError) as e:
         print(f"disco_ds prepare: error: {e}", file=sys.stderr)

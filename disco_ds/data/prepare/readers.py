@@ -31,11 +31,14 @@ READ_BYTES = 1 << 20
 
 @dataclass
 class Source:
-    """One input: ``kind`` is ``text``, ``jsonl``, ``parquet`` or ``hf``; ``size`` in bytes."""
+    """One file or dataset to read: ``kind`` is ``text``, ``jsonl``, ``parquet`` or ``hf``;
+    ``size`` in bytes; ``input`` the index of the ``--input`` it was found under (the unit the
+    validation split takes documents from)."""
 
     path: Path
     kind: str
     size: int
+    input: int = 0
 
 
 def _file_kind(path: Path) -> str:
@@ -70,19 +73,19 @@ def collect_sources(
     component or a path component (or relative path) matching a pattern of ``exclude``.
     """
     sources: list[Source] = []
-    for item in inputs:
+    for index, item in enumerate(inputs):
         p = Path(item)
         if p.is_file():
-            sources.append(Source(p, _file_kind(p), p.stat().st_size))
+            sources.append(Source(p, _file_kind(p), p.stat().st_size, index))
         elif p.is_dir():
             if _is_hf_dataset_dir(p):
                 size = sum(f.stat().st_size for f in p.rglob("*.arrow"))
-                sources.append(Source(p, "hf", size))
+                sources.append(Source(p, "hf", size, index))
                 continue
             found = sorted(f for f in p.rglob(glob) if f.is_file() and not _excluded(f.relative_to(p), exclude))
             if not found:
                 raise FileNotFoundError(f"{p}: no file matches --glob {glob!r} in this directory")
-            sources.extend(Source(f, _file_kind(f), f.stat().st_size) for f in found)
+            sources.extend(Source(f, _file_kind(f), f.stat().st_size, index) for f in found)
         else:
             raise FileNotFoundError(f"{p}: input not found")
     if not sources:

@@ -1,7 +1,8 @@
 """The pipeline of ``disco_ds prepare``: :func:`prepare` reads the sources a piece at a time,
-tokenizes the pieces (in worker processes with ``--workers``, results in input order), splits the
-documents into training and validation, and writes the shards, the tokenizer files and
-``meta.json``; with its progress display and the shard writer."""
+tokenizes the pieces (in worker processes with ``--workers``, results in input order) into a
+temporary file, then writes the documents in a seeded shuffled order, split into training and
+validation with every input in both (:func:`validation_documents`), as shards, with the tokenizer
+files and ``meta.json``; with its progress display and the shard writer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from disco_ds.data.shards import temp_path, write_shard
 __all__ = [
     "prepare",
     "summary_line",
+    "validation_documents",
 ]
 
 SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
@@ -79,102 +82,112 @@ class _ShardWriter:
         self.chunks, self.buffered = [], 0
 
 
-class _HeldDocument:
-    """The tokens of one document held back from the training split: in memory up to
-    ``memory_tokens``, beyond that in an anonymous temporary file in the output directory, so that
-    a document of any size (a huge text file) is held in bounded memory."""
+class _Spool:
+    """Every document's tokens in input order, in an anonymous temporary file in the output
+    directory (so a corpus of any size, a huge text file included, is held in bounded memory),
+    with an index in memory: each document's start, length and input.
 
-    def __init__(self, out_dir: Path, dtype: np.dtype, memory_tokens: int):
-        self.out_dir, self.dtype, self.memory_tokens = out_dir, dtype, memory_tokens
-        self.active = False
-        self.chunks: list[np.ndarray] = []
-        self.size = 0
-        self.file: Any = None
-
-    def add(self, tokens: np.ndarray) -> None:
-        tokens = tokens.astype(self.dtype, copy=False)
-        if self.file is None and self.size + tokens.size > self.memory_tokens:
-            self.file = tempfile.TemporaryFile(dir=self.out_dir)
-            for chunk in self.chunks:
-                self.file.write(chunk.tobytes())
-            self.chunks = []
-        if self.file is not None:
-            self.file.write(tokens.tobytes())
-        else:
-            # A copy: ``tokens`` may be a view of a whole batch's result, which it would keep alive.
-            self.chunks.append(tokens.copy())
-        self.size += tokens.size
-
-    def move_to(self, writer: _ShardWriter, eot: np.ndarray) -> None:
-        """Give the held document to ``writer`` and hold nothing."""
-        for chunk in self.chunks:
-            writer.add(chunk)
-        if self.file is not None:
-            self.file.seek(0)
-            step = self.memory_tokens * self.dtype.itemsize
-            while data := self.file.read(step):
-                writer.add(np.frombuffer(data, dtype=self.dtype))
-        writer.end_document(eot)
-        self.discard()
-
-    def discard(self) -> None:
-        """Hold nothing (and delete the temporary file)."""
-        if self.file is not None:
-            self.file.close()
-        self.active, self.chunks, self.size, self.file = False, [], 0, None
-
-
-class _Splitter:
-    """Sends the documents, piece by piece in input order, to the training or validation writer.
-
-    The split is decided when a document starts: with ``val_tokens``, while validation holds fewer
-    tokens; otherwise by a draw from ``seed`` per document. While validation is empty (and one is
-    wanted) the newest training document is held back, so that it can become the validation
-    document when the draws picked none.
+    The documents go to the shards only when all are known (:func:`_write_documents`), because
+    their order there is a seeded permutation of all of them: a streaming pass could only mix
+    documents that happen to be read close together, never the sources given one after another.
     """
 
-    def __init__(self, writers: dict[str, _ShardWriter], held: _HeldDocument, eot: np.ndarray,
-                 val_fraction: float, val_tokens: int | None, seed: int):
-        self.train, self.val, self.held, self.eot = writers["train"], writers["val"], held, eot
-        self.val_fraction, self.val_tokens = val_fraction, val_tokens
-        self.want_val = (val_tokens > 0) if val_tokens is not None else val_fraction > 0
-        self.rng = np.random.default_rng(seed)
-        self.draws = np.zeros(0)
-        self.drawn = 0
-        self.dest: _ShardWriter | _HeldDocument | None = None  # of the document in progress
+    def __init__(self, out_dir: Path, dtype: np.dtype):
+        self.dtype = dtype
+        self.file = tempfile.TemporaryFile(dir=out_dir)
+        self.size = 0
+        self.starts = array("q")
+        self.lengths = array("q")
+        self.inputs = array("q")
+        self.open = False  # a document has pieces here and its last is still to come
 
-    def add(self, tokens: np.ndarray, last: bool) -> None:
-        """Tokens of a piece of the current document; ``last`` closes the document."""
-        if self.dest is None:
-            self.dest = self._choose()
-        self.dest.add(tokens)
+    def add(self, tokens: np.ndarray, input_index: int, last: bool) -> None:
+        """Tokens of a piece of the current document (of ``--input`` number ``input_index``);
+        ``last`` closes the document."""
+        if not self.open:
+            self.starts.append(self.size)
+            self.inputs.append(input_index)
+            self.open = True
+        self.file.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)).cast("B"))
+        self.size += tokens.size
         if last:
-            if isinstance(self.dest, _ShardWriter):  # a held document ends when it is placed
-                self.dest.end_document(self.eot)
-            self.dest = None
+            self.lengths.append(self.size - self.starts[-1])
+            self.open = False
 
-    def _choose(self) -> _ShardWriter | _HeldDocument:
-        if self.val_tokens is not None:
-            to_val = self.want_val and self.val.tokens < self.val_tokens
+    def tokens(self) -> np.ndarray:
+        """All tokens, memory-mapped read-only (the index's starts and lengths point into it)."""
+        self.file.flush()
+        if self.size == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.file, dtype=self.dtype, mode="r", shape=(self.size,)).view(np.ndarray)
+
+    def close(self) -> None:
+        """Delete the temporary file."""
+        self.file.close()
+
+
+def validation_documents(
+    order: np.ndarray,
+    inputs: np.ndarray,
+    sizes: np.ndarray,
+    val_fraction: float,
+    val_tokens: int | None,
+) -> np.ndarray:
+    """Which documents go to validation (a boolean mask over the documents), from every input.
+
+    ``order`` is the order the documents are written in, ``inputs[i]`` the ``--input`` document
+    ``i`` came from and ``sizes[i]`` its tokens (end-of-text included). Each input with ``n ≥ 2``
+    documents gives its first documents in ``order`` (a seeded random sample when ``order`` is
+    shuffled): with ``val_tokens``, until they hold their input's share of ``val_tokens``
+    (``⌈val_tokens · tokens of the input / all tokens⌉``); otherwise ``round(val_fraction · n)``
+    of them; at least one either way, and never all ``n``, so that every input is in both splits
+    and the validation loss weighs the inputs as training does. When no input has two documents,
+    the first document in ``order`` is the validation split (if one is wanted at all).
+    """
+    val = np.zeros(order.size, dtype=bool)
+    want = (val_tokens > 0) if val_tokens is not None else val_fraction > 0
+    if not want or order.size == 0:
+        return val
+    total = int(sizes.sum())
+    ordered_inputs = inputs[order]
+    for source in np.unique(inputs):
+        docs = order[ordered_inputs == source]
+        n = docs.size
+        if n < 2:
+            continue
+        if val_tokens is not None:
+            share = -(-val_tokens * int(sizes[docs].sum()) // total)
+            take = int(np.searchsorted(np.cumsum(sizes[docs]), share)) + 1
         else:
-            if self.drawn >= self.draws.size:
-                self.draws = self.rng.random(4096)
-                self.drawn = 0
-            to_val = bool(self.draws[self.drawn] < self.val_fraction)
-            self.drawn += 1
-        if to_val:
-            return self.val
-        if self.held.active:
-            self.held.move_to(self.train, self.eot)
-        if self.want_val and self.val.documents == 0:
-            self.held.active = True
-            return self.held
-        return self.train
+            take = round(val_fraction * n)
+        val[docs[: min(max(take, 1), n - 1)]] = True
+    if not val.any():
+        val[order[0]] = True
+    return val
 
-    def finish(self) -> None:
-        """Place the held document, if any: in validation if that is still empty."""
-        if self.held.active:
-            self.held.move_to(self.val if self.want_val and self.val.documents == 0 else self.train, self.eot)
+
+def _write_documents(spool: _Spool, writers: dict[str, _ShardWriter], eot: np.ndarray, shuffle: bool,
+                     seed: int, val_fraction: float, val_tokens: int | None, inputs: int) -> np.ndarray:
+    """Write the spooled documents to the shards, in a permutation drawn from ``seed`` (input
+    order without ``shuffle``), each to the split :func:`validation_documents` chooses; returns
+    the documents and tokens of every input per split, ``[input, split (train, val), (documents,
+    tokens)]``."""
+    starts = np.frombuffer(spool.starts, dtype=np.int64)
+    lengths = np.frombuffer(spool.lengths, dtype=np.int64)
+    sources = np.frombuffer(spool.inputs, dtype=np.int64)
+    n = lengths.size
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    val = validation_documents(order, sources, lengths + 1, val_fraction, val_tokens)
+    counts = np.zeros((inputs, 2, 2), dtype=np.int64)
+    np.add.at(counts, (sources, val.astype(np.int64), 0), 1)
+    np.add.at(counts, (sources, val.astype(np.int64), 1), lengths + 1)
+    tokens = spool.tokens()
+    train, held_out = writers["train"], writers["val"]
+    for i in order:
+        writer = held_out if val[i] else train
+        writer.add(tokens[starts[i] : starts[i] + lengths[i]])
+        writer.end_document(eot)
+    return counts
 
 
 def _batches(items: Iterable[Piece], batch_bytes: int) -> Iterator[list[Piece]]:
@@ -248,9 +261,9 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    shuffle: bool = True,
     batch_bytes: int = 1 << 21,
     read_bytes: int = READ_BYTES,
-    hold_tokens: int = 1 << 24,
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into shards under ``out_dir``; returns the ``meta.json`` content.
 
@@ -263,8 +276,10 @@ def prepare(
     pool);
     the shards and ``meta.json`` are the same for any number. Text goes to them in batches of
     about ``batch_bytes`` (an input of one batch is encoded here); a text file is read
-    ``read_bytes`` at a time; a training document held back for the validation split spills to a
-    temporary file beyond ``hold_tokens`` tokens.
+    ``read_bytes`` at a time. The tokens wait in a temporary file in ``out_dir`` until all are
+    known (the output directory needs room for the tokens twice meanwhile); then the documents are
+    written in a permutation drawn from ``seed`` (``shuffle=False``: in input order) and split as
+    :func:`validation_documents` says.
     """
     t0 = time.time()
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -310,8 +325,7 @@ def prepare(
     _clear_output(out, overwrite)
     writers = {s: _ShardWriter(out, s, shard_tokens, dtype) for s in ("train", "val")}
     eot = np.array([tok.eot_id], dtype=dtype)
-    held = _HeldDocument(out, dtype, hold_tokens)
-    splitter = _Splitter(writers, held, eot, val_fraction, val_tokens, seed)
+    spool = _Spool(out, dtype)
     log = _Progress(progress, sources, max_bytes)
     per_source = np.zeros((len(sources), 2), dtype=np.int64)  # documents, tokens
     bytes_read = 0
@@ -325,22 +339,25 @@ def prepare(
                     if piece.source != current:
                         log.finished_sources(current, piece.source, per_source)
                         current = piece.source
-                    splitter.add(ids, piece.last)
+                    spool.add(ids, sources[piece.source].input, piece.last)
                     per_source[piece.source] += (piece.last, ids.size + piece.last)
                     bytes_read += piece.nbytes
                     log.advance(piece.nbytes, ids.size + piece.last)
         log.finished_sources(current, current + 1, per_source)
-        splitter.finish()
+        tokenize_seconds = log.close(encoder.used)
+        if progress:
+            how = "in a permutation drawn from --seed" if shuffle else "in input order"
+            print(f"prepare: writing {len(spool.lengths):,} documents {how}", file=sys.stderr, flush=True)
+        counts = _write_documents(spool, writers, eot, shuffle, seed, val_fraction, val_tokens, len(inputs))
+        for w in writers.values():
+            w.close()
     except EncodeError as e:
         piece = e.item
         raise ValueError(
             f"{location(sources[piece.source], piece.where)}: the {tok.name} tokenizer failed: {e.message}"
         ) from None
     finally:
-        held.discard()
-    for w in writers.values():
-        w.close()
-    tokenize_seconds = log.close(encoder.used)
+        spool.close()
     if writers["train"].documents == 0:
         total = writers["train"].documents + writers["val"].documents
         raise ValueError(
@@ -367,6 +384,9 @@ def prepare(
         "exclude": list(exclude),
         "text_field": text_field,
         "seed": int(seed),
+        "shuffle": bool(shuffle),
+        "source_documents": {s: counts[:, k, 0].tolist() for k, s in enumerate(("train", "val"))},
+        "source_tokens": {s: counts[:, k, 1].tolist() for k, s in enumerate(("train", "val"))},
         "val_fraction": None if val_tokens is not None else float(val_fraction),
         "val_tokens": val_tokens,
         "shard_tokens": int(shard_tokens),
