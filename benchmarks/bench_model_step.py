@@ -94,20 +94,13 @@ def _peak_rss_bytes() -> int:
 
 def _profiled_peak(step: Any) -> int:
     """Most bytes CPU tensors held during ``step()`` above what they held when it began."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
+
+    from disco_ds.trainer.memory import profiled_peak_bytes
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    totals, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            totals.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
-    totals.sort()
-    start = totals[0][1] - totals[0][2]  # held before the step's first allocation
-    return max(total for _, total, _ in totals) - start
+    return profiled_peak_bytes(prof)
 
 
 def head_only(config: Any) -> Any:

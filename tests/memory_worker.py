@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -26,7 +25,7 @@ def main() -> None:
     from disco_ds.trainer import loop as trainer
     from disco_ds.trainer.build import build_engine, communication_device, engine_config
     from disco_ds.trainer.config import load_config
-    from disco_ds.trainer.memory import recipe_model
+    from disco_ds.trainer.memory import profiled_peak_bytes, recipe_model
     from disco_ds.trainer.scaling import plan_run
 
     cfg = load_config(sys.argv[1], sys.argv[2:])
@@ -45,16 +44,7 @@ def main() -> None:
             loss = trainer._loss(engine, window[:, :-1], window[:, 1:], None)
             engine.backward(loss)
             engine.step()
-    # Every allocation event carries the CPU allocator's running total of bytes held by tensors.
-    totals, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            totals.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
-    totals.sort()
-    before = totals[0][1] - totals[0][2]  # held before the first allocation: not the run's
-    print(json.dumps({"peak": max(total for _, total, _ in totals) - before}))
+    print(json.dumps({"peak": profiled_peak_bytes(prof)}))
 
 
 if __name__ == "__main__":

@@ -162,20 +162,13 @@ def test_stack_equals_separate_calls_scaled(case: str, method: str) -> None:
 
 
 def _peak_bytes_above_start(fn) -> int:
-    """Most bytes CPU tensors held during ``fn()`` above what they held when it began (profiler)."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
+
+    from disco_ds.trainer.memory import profiled_peak_bytes
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    totals, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            totals.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
-    totals.sort()
-    return max(total for _, total, _ in totals) - (totals[0][1] - totals[0][2])
+    return profiled_peak_bytes(prof)
 
 
 @pytest.mark.parametrize("shape", [(96, 256), (256, 96)])

@@ -159,6 +159,25 @@ def recipe_model(cfg: RunConfig) -> Any:
         raise ConfigError(str(err)) from None
 
 
+def profiled_peak_bytes(prof: Any) -> int:
+    """The most bytes CPU tensors held during a ``torch.profiler.profile(profile_memory=True)``,
+    above what they held before its first allocation: every allocation event carries the CPU
+    allocator's running total (the measured counterpart of the estimates above; on CUDA,
+    ``torch.cuda.max_memory_allocated``)."""
+    from torch._C._profiler import _EventType
+
+    totals, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            totals.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
+    if not totals:
+        return 0
+    totals.sort()
+    return max(total for _, total, _ in totals) - (totals[0][1] - totals[0][2])
+
+
 def gib(size: float) -> str:
     """``size`` bytes in GiB, or in MiB below one GiB (a tiny model would otherwise show 0.00)."""
     return f"{size / _GIB:.2f} GiB" if size >= _GIB else f"{size / 2**20:.1f} MiB"
