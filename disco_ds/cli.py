@@ -1,7 +1,8 @@
-"""``python -m disco_ds`` / ``disco-ds``: train, prepare, export, recipe, sweep, verify.
+"""``python -m disco_ds`` / ``disco-ds``: train, prepare, export, recipe, plan, sweep, verify.
 
     disco-ds prepare --input DIR --out data/stdlib-bytes --tokenizer byte --glob '*.py'
     disco-ds recipe recipes/gpt-124m.yaml [key=value ...] [--world-size 8]
+    disco-ds plan gpt-1.3b --world-size 64 [--tp 2] [--zero 1] [--gpu h200] [--intra-bw 450] [--inter-bw 50]
     disco-ds train recipes/tiny.yaml [key=value ...]
     deepspeed --num_gpus 8 --module disco_ds train recipes/gpt-124m.yaml [key=value ...]
     disco-ds export runs/tiny/checkpoints/step_00000977 exported/tiny
@@ -24,6 +25,28 @@ __all__ = ["main"]
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a YAML recipe, e.g. recipes/tiny.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.micro_batch=4")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from disco_ds.trainer.cluster_plan import DEFAULT_MFU, GPUS, GPUS_PER_NODE, INFINIBAND_GBPS, NVLINK_GBPS
+
+    parser.add_argument("recipe", help="a YAML recipe or a recipe name in recipes/ (tiny, gpt-1.3b, ...)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.micro_batch=4")
+    parser.add_argument("--world-size", required=True,
+                        help="launched ranks (GPUs); several, comma-separated, print one summary row each")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage (default: the recipe's)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="accelerator (default h100)")
+    parser.add_argument("--intra-bw", type=float, default=NVLINK_GBPS,
+                        help=f"GB/s per GPU per direction inside a node (default {NVLINK_GBPS:g}, NVLink 4)")
+    parser.add_argument("--inter-bw", type=float, default=INFINIBAND_GBPS,
+                        help=f"GB/s per GPU per direction between nodes (default {INFINIBAND_GBPS:g}, NDR 400 Gb/s)")
+    parser.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE, help=f"default {GPUS_PER_NODE}")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                        help=f"fraction of the bf16 peak reached by the model and Newton–Schulz (default {DEFAULT_MFU:g})")
+    parser.add_argument("--max-gather-numel", type=int, default=None,
+                        help="Scion's max_gather_numel, the round bound (default: Scion's)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -61,6 +84,26 @@ def _recipe(args: argparse.Namespace) -> int:
     print()
     print(format_plan(cfg, plan))
     print(format_memory(cfg, plan, world))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Scion's exchange and the step's cost on a cluster, from the recipe's shapes (no GPUs needed)."""
+    from disco_ds.trainer.cluster_plan import GPUS, Cluster, format_plan, format_summary_table, plan_cluster
+    from disco_ds.trainer.config import ConfigError
+
+    try:
+        worlds = [int(w) for w in args.world_size.split(",")]
+    except ValueError:
+        raise ConfigError(f"--world-size {args.world_size!r}: accepted: a positive integer or a comma-separated list") from None
+    if any(w < 1 for w in worlds):
+        raise ConfigError(f"--world-size {args.world_size!r}: every world size must be at least 1")
+    plans = []
+    for world in worlds:
+        cluster = Cluster(world, args.tp, GPUS[args.gpu], args.gpus_per_node, args.intra_bw, args.inter_bw, args.mfu)
+        plans.append(plan_cluster(args.recipe, cluster, zero_stage=args.zero, overrides=args.overrides,
+                                  max_gather_numel=args.max_gather_numel))
+    print(format_plan(plans[0]) if len(plans) == 1 else format_summary_table(plans))
     return 0
 
 
@@ -114,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--world-size", type=int, default=None,
                         help="launched ranks, as `train` will see them (default: the recipe's reference_world_size × tp_size)")
     recipe.set_defaults(run=_recipe)
+    plan = commands.add_parser("plan", help="Scion's exchange, the optimizer step's cost and a ZeRO recommendation for a cluster, "
+                               "from the recipe's shapes")
+    _add_plan_arguments(plan)
+    plan.set_defaults(run=_plan)
     prep = commands.add_parser("prepare", help="tokenise local text into training shards")
     prepare.add_arguments(prep)
     prep.set_defaults(run=prepare.main)

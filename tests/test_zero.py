@@ -28,6 +28,8 @@ from launching import torchrun  # noqa: E402
 from zero_worker import build_model, global_batches  # noqa: E402
 
 from disco_ds import Scion, scion_param_groups  # noqa: E402
+from disco_ds.distributed.exchange import matrix_plan  # noqa: E402
+from disco_ds.distributed.layout import Layout  # noqa: E402
 
 WORKER = Path(__file__).parent / "zero_worker.py"
 BF16_MODEL_ATOL = 3e-2
@@ -249,3 +251,20 @@ def test_exchange_plan_is_cached_and_identical_on_every_rank(tmp_path: Path, sta
         assert first > 0 and later == [0] * len(later), rank["plannings"]
     plans = [rank["plans"] for rank in result["ranks"]]
     assert plans[0] and all(p == plans[0] for p in plans), plans
+    # Each rank's plan, index tensors included, is what planning its layout from shapes alone gives
+    # (what ``disco_ds plan`` does for a hypothetical cluster): nothing in it came from communication.
+    checked = 0
+    for rank in result["ranks"]:
+        for seen in rank["plan_indices"]:
+            layout = Layout(shapes=seen["shapes"], fragments=seen["fragments"], group=None, rank=seen["rank"],
+                            replicated=seen["replicated"], blocks=seen["blocks"], sources=seen["sources"])
+            norm_class, ns_steps, bound, comm_bytes, work_bytes, overlap = seen["key"]
+            plan = matrix_plan(layout, norm_class(ns_steps=ns_steps), bound, comm_bytes=comm_bytes, work_bytes=work_bytes,
+                               overlap=overlap)
+            for where, index in seen["indices"].items():
+                device, packed = eval(where)  # noqa: S307 - a (str, bool) tuple this test's worker wrote
+                rebuilt = [[t.tolist() for t in (i.send, i.gather, i.back)]
+                           for i in plan.indices(layout, torch.device(device), packed)]
+                assert rebuilt == index
+                checked += 1
+    assert checked > 0

@@ -188,6 +188,14 @@ def main() -> None:
         # Every cached exchange plan's owners and routes, in a form every rank can compare.
         "plans": sorted(repr((plan.owners, [r.members for r in plan.rounds])) for layout in _layouts(opt.provider)
                         for plan in layout.plans.values()),
+        # This rank's layouts as shapes and fragments, with each plan's key and the index tensors
+        # it packed with: the test plans the same layouts from shapes alone and compares.
+        "plan_indices": [{"shapes": layout.shapes, "fragments": layout.fragments, "sources": layout.sources,
+                          "blocks": layout.blocks, "replicated": layout.replicated, "rank": layout.rank,
+                          "key": key, "indices": {str(where): [[t.tolist() for t in (i.send, i.gather, i.back)]
+                                                                   for i in index]
+                                                      for where, index in plan._indices.items()}}
+                         for layout in _layouts(opt.provider) for key, plan in layout.plans.items()],
         # max |gathered/m − safe_get_full_grad| per matrix this rank owned on the first step
         "gathered_vs_deepspeed": {name: (full / cfg.get("momentum", 0.1) - reference[name].reshape(full.shape)).abs().max().item()
                                   for name, full in gathered.items() if name in reference},

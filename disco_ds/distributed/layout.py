@@ -10,13 +10,14 @@ moves fragments along them. Nothing here communicates.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Fragment", "Layout", "logical_shape", "matrix_view_shape", "row_pieces", "shape_numel", "group_rank_and_size"]
+__all__ = ["Fragment", "FragmentViews", "Layout", "logical_shape", "matrix_view_shape", "row_pieces", "shape_numel", "group_rank_and_size"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,35 @@ class Fragment:
     start: int
     numel: int
     offset: int
+
+
+class FragmentViews(Mapping[Fragment, torch.Tensor]):
+    """Fragments of one flat 1-D buffer, each at its :attr:`Fragment.offset`, as a read-only mapping
+    ``fragment -> view``.
+
+    What a flat ZeRO partition hands the distributed LMO: the exchange packs its send buffers from
+    :attr:`buffer` with one ``index_select`` instead of one copy per fragment, while every other
+    reader still sees a ``dict[Fragment, Tensor]``. Views are made on access (no per-step work for
+    fragments nobody reads).
+    """
+
+    def __init__(self, buffer: torch.Tensor, fragments: list[Fragment]) -> None:
+        if buffer.dim() != 1:
+            raise ValueError(f"FragmentViews needs a flat 1-D buffer, got shape {tuple(buffer.shape)}")
+        self.buffer = buffer
+        self._fragments = list(fragments)
+        self._known = frozenset(self._fragments)
+
+    def __getitem__(self, f: Fragment) -> torch.Tensor:
+        if f not in self._known:
+            raise KeyError(f)
+        return self.buffer.narrow(0, f.offset, f.numel)
+
+    def __iter__(self) -> Iterator[Fragment]:
+        return iter(self._fragments)
+
+    def __len__(self) -> int:
+        return len(self._fragments)
 
 
 @dataclass

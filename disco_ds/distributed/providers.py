@@ -23,7 +23,7 @@ input to the accelerator and the update back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from disco_ds.distributed.agreement import RankCheckError, accelerator_device, injected_fault, raise_if_any_failed
-from disco_ds.distributed.layout import Fragment, Layout, group_rank_and_size, logical_shape
+from disco_ds.distributed.layout import Fragment, FragmentViews, Layout, group_rank_and_size, logical_shape
 from disco_ds.distributed.tensor_parallel import data_parallel_group, is_tensor_parallel, lift_layout
 
 __all__ = [
@@ -171,15 +171,17 @@ class Placement:
     """The communication device: collectives and Newton–Schulz run there."""
     staging: Staging | None = None
 
-    def directions(self, per_tensor: list[torch.Tensor]) -> dict[Fragment, torch.Tensor]:
+    def directions(self, per_tensor: list[torch.Tensor]) -> Mapping[Fragment, torch.Tensor]:
         """This rank's fragments of the LMO input on the communication device, from one direction
-        tensor per entry of ``tensors`` (views; under ZeRO-Offload views of the staged copy)."""
-        out: dict[Fragment, torch.Tensor] = {}
-        for d, frags in zip(per_tensor, self.fragments):
-            flat = (self.staging.direction_to_device(d) if self.staging is not None else d).reshape(-1)
-            for f in frags:
-                out[f] = flat.narrow(0, f.offset, f.numel)
-        return out
+        tensor per entry of ``tensors`` (views; under ZeRO-Offload views of the staged copy).
+
+        One flat tensor (a ZeRO partition, also lifted under tensor parallelism) is handed over
+        whole, as :class:`FragmentViews`, so that the exchange packs it with one op per round;
+        several tensors (whole parameters) as a dict of views."""
+        flats = [(self.staging.direction_to_device(d) if self.staging is not None else d).reshape(-1) for d in per_tensor]
+        if len(flats) == 1:
+            return FragmentViews(flats[0], self.fragments[0])
+        return {f: flat.narrow(0, f.offset, f.numel) for flat, frags in zip(flats, self.fragments) for f in frags}
 
     def weights(self) -> dict[Fragment, torch.Tensor]:
         """This rank's fragments of the weights on the communication device: views, or under
