@@ -591,7 +591,7 @@ def main() -> None:
         entry["matrices_per_step"] = float(orth.item()) if kind != "ds_muon" else entry["ns_calls"]
         if kind == "ours":
             routed = local = 0
-            for value in e["opt"]._layouts.values():
+            for value in e["opt"].provider.layouts.values():
                 layout = value[0] if isinstance(value, tuple) else value
                 if len(layout.shapes) < 2:
                     continue  # the embedding, head and gain groups hold one parameter each

@@ -55,15 +55,16 @@ def _coefficients(method: str, steps: int) -> list[tuple[float, float, float]]:
     return [table[min(i, len(table) - 1)] for i in range(steps)]
 
 
-def _normalize_into(out: torch.Tensor, G: torch.Tensor, method: str) -> None:
-    """``out`` (bf16, ``G``'s shape) ← ``G / ‖G‖_F`` per matrix, divided in fp32 and rounded once on
-    the store: no fp32 copy of the normalised matrix exists. ``‖G‖_2 ≤ ‖G‖_F``, so every singular
-    value starts ≤ 1 (Polar Express also divides by its damping)."""
-    # vector_norm with dtype= reduces in fp32 without a full fp32 (or squared) temporary.
-    fro = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+def _normalize_into(out: torch.Tensor, matrices: Sequence[torch.Tensor], method: str) -> None:
+    """``out[i]`` (bf16) ← ``matrices[i] / ‖matrices[i]‖_F``, divided in fp32 and rounded once on the
+    store: no fp32 copy of a normalised matrix exists. ``‖G‖_2 ≤ ‖G‖_F``, so every singular value
+    starts ≤ 1 (Polar Express also divides by its damping). All norms in one fp32 reduction."""
+    denominators = torch._foreach_norm(list(matrices), 2, dtype=torch.float32)
     if method == "polar_express":
-        fro = fro * _PE_DAMPING
-    torch.div(G, fro + _EPS, out=out)
+        denominators = torch._foreach_mul(denominators, _PE_DAMPING)
+    denominators = torch._foreach_add(denominators, _EPS)
+    for i, (G, d) in enumerate(zip(matrices, denominators)):  # by index: a view of out would outlive the loop
+        torch.div(G, d, out=out[i])
 
 
 def _polynomial_iteration(X: torch.Tensor, steps: int, method: str, transposed: bool = False) -> torch.Tensor:
@@ -144,7 +145,7 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic")
     if method == "svd":
         return _svd_polar(G).to(G.dtype)
     X = torch.empty(G.shape, dtype=torch.bfloat16, device=G.device)
-    _normalize_into(X, G, method)
+    _normalize_into(X.view(-1, *G.shape[-2:]), G.reshape(-1, *G.shape[-2:]).unbind(0), method)
     X = _iterate(X, steps, method)
     return X.to(G.dtype) if X.dtype != G.dtype else X
 
@@ -171,8 +172,7 @@ def orthogonalize_stack(matrices: Sequence[torch.Tensor], steps: int = 5, method
         out = _svd_polar(torch.stack(list(matrices))).to(first.dtype)
     else:
         X = torch.empty(shape, dtype=torch.bfloat16, device=first.device)
-        for i, G in enumerate(matrices):  # by index: a loop variable's view would keep this buffer alive
-            _normalize_into(X[i], G, method)
+        _normalize_into(X, matrices, method)
         X = _iterate(X, steps, method)
         out = torch.empty(shape, dtype=first.dtype, device=first.device)
         out.copy_(X)
