@@ -513,6 +513,12 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     stage = cfg["stage"]
+    if cfg.get("compile"):
+        # What train.compile does: Scion's (and the naive baseline's) Newton–Schulz iteration
+        # torch.compile-d, as DeepSpeed ships its muon_update.
+        from disco_ds.optim.newton_schulz import compile_iteration
+
+        compile_iteration()
     kinds = cfg["optimizers"]
     install_ns_timer()
     result: dict[str, Any] = {"stage": stage, "world": world, "optimizers": {}, "notes": []}
