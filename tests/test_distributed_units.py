@@ -13,7 +13,9 @@ import torch.distributed as dist
 import disco_ds.distributed as D
 import disco_ds.distributed.exchange as exchange
 from disco_ds.distributed import ExchangeStats, Fragment, Layout, assign_owners, plan_rounds
+from disco_ds.distributed.layout import shape_numel
 from disco_ds.optim.norms import ColNorm, RowNorm, Spectral, TokenRMS, VectorRMS
+from disco_ds.trainer.cluster_plan import zero3_fragments
 
 
 @pytest.mark.parametrize("start,numel,cols", [(0, 35, 5), (3, 14, 5), (7, 3, 5), (5, 10, 5), (0, 4, 5), (12, 23, 5)])
@@ -176,18 +178,9 @@ def test_stopwatch_on_cuda_times_the_device_work_without_waiting() -> None:
 
 
 def _zero3_fragments(shapes: list[tuple[int, ...]], world: int) -> tuple[list[list[Fragment]], int]:
-    """ZeRO-3: every member split evenly over the ranks, members' partitions concatenated."""
-    fragments: list[list[Fragment]] = [[] for _ in range(world)]
-    offset = 0
-    for i, shape in enumerate(shapes):
-        numel = D.layout.shape_numel(shape)
-        pn = -(-numel // world)
-        for r in range(world):
-            n = max(0, min(pn, numel - r * pn))
-            if n:
-                fragments[r].append(Fragment(i, r * pn, n, offset))
-        offset += pn
-    return fragments, offset
+    """ZeRO-3's even split (:func:`disco_ds.trainer.cluster_plan.zero3_fragments`, what ``disco_ds
+    plan`` and the live layout share) and the size of every rank's flat buffer."""
+    return zero3_fragments(shapes, world), sum(-(-shape_numel(s) // world) for s in shapes)
 
 
 def _zero12_fragments(shapes: list[tuple[int, ...]], world: int) -> tuple[list[list[Fragment]], int]:

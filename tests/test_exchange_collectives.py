@@ -31,24 +31,15 @@ from disco_ds.distributed import exchange
 from disco_ds.distributed.layout import Fragment, FragmentViews, Layout, shape_numel
 from disco_ds.distributed.timing import ExchangeStats
 from disco_ds.optim.norms import Spectral
+from disco_ds.trainer.cluster_plan import zero3_fragments
 
 SHAPES = [(24, 20), (20, 20), (20, 12), (32, 24), (24, 24), (16, 40)]
 
 
-def zero3_fragments(shapes: list[tuple[int, ...]], world: int) -> tuple[list[list[Fragment]], int]:
-    """ZeRO-3's even split: rank r holds entries ``[r·pn, (r+1)·pn)`` of every member, members'
-    partitions concatenated in one flat buffer; returns the fragments and the buffer size."""
-    fragments: list[list[Fragment]] = [[] for _ in range(world)]
-    offset = 0
-    for i, shape in enumerate(shapes):
-        numel = shape_numel(shape)
-        pn = -(-numel // world)
-        for r in range(world):
-            n = max(0, min(pn, numel - r * pn))
-            if n:
-                fragments[r].append(Fragment(i, r * pn, n, offset))
-        offset += pn
-    return fragments, offset
+def zero3_split(shapes: list[tuple[int, ...]], world: int) -> tuple[list[list[Fragment]], int]:
+    """ZeRO-3's even split (:func:`disco_ds.trainer.cluster_plan.zero3_fragments`, what ``disco_ds
+    plan`` and the live layout share) and the size of every rank's flat buffer."""
+    return zero3_fragments(shapes, world), sum(-(-shape_numel(s) // world) for s in shapes)
 
 
 def truth(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
@@ -106,7 +97,7 @@ class CollectiveCounter:
 
 def _zero3_run(rank: int, world: int, shapes: list[tuple[int, ...]], comm_dtype: torch.dtype, max_gather: int,
                overlap: bool, stats: ExchangeStats | None = None) -> tuple[Layout, dict[Fragment, torch.Tensor]]:
-    fragments, size = zero3_fragments(shapes, world)
+    fragments, size = zero3_split(shapes, world)
     layout = Layout(shapes=shapes, fragments=fragments, group=dist.group.WORLD, rank=rank)
     flat = local_buffer(layout.local(), size, truth(shapes))
     updates = exchange.distributed_lmo(layout, Spectral(ns_steps=5), FragmentViews(flat, layout.local()),
@@ -183,7 +174,7 @@ def test_replicated_layout_returns_updates_without_all_to_all(world: int, shapes
 def _bench_case(cfg: dict, rank: int, world: int) -> dict:
     """ATen ops and median wall time of one call, with overlap off and on (rank 0 reports)."""
     shapes = [tuple(s) for s in cfg["shapes"]]
-    fragments, size = zero3_fragments(shapes, world)
+    fragments, size = zero3_split(shapes, world)
     layout = Layout(shapes=shapes, fragments=fragments, group=dist.group.WORLD, rank=rank)
     flat = local_buffer(layout.local(), size, truth(shapes))
     directions = FragmentViews(flat, layout.local())

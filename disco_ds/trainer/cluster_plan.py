@@ -230,7 +230,7 @@ def _tp_spec(name: str, shape: tuple[int, ...], model_config: Any, tp_size: int)
 # ---------------------------------------------------------------------------- layouts
 
 
-def _zero12_fragments(shapes: Sequence[tuple[int, ...]], world: int) -> list[list[Fragment]]:
+def zero12_fragments(shapes: Sequence[tuple[int, ...]], world: int) -> list[list[Fragment]]:
     """Per rank, its fragments of one ZeRO-1/2 flat group: flattened in order, padded to a
     multiple of ``2·world`` and split into equal partitions (DeepSpeed 0.19.8 without
     ``parameter_alignment``), each fragment at its offset in the rank's partition."""
@@ -249,7 +249,7 @@ def _zero12_fragments(shapes: Sequence[tuple[int, ...]], world: int) -> list[lis
     return fragments
 
 
-def _zero3_fragments(shapes: Sequence[tuple[int, ...]], world: int) -> list[list[Fragment]]:
+def zero3_fragments(shapes: Sequence[tuple[int, ...]], world: int) -> list[list[Fragment]]:
     """Per rank, its fragments of one ZeRO-3 sub-group: ``ceil(numel / world)`` entries of every
     member, the members' partitions concatenated in order."""
     fragments: list[list[Fragment]] = [[] for _ in range(world)]
@@ -329,9 +329,9 @@ def cluster_layouts(groups: Sequence[GroupShapes], world: int, tp_size: int, sta
                 if stage == 0:
                     inner.append([[Fragment(i, 0, shape_numel(s), 0) for i, s in enumerate(shapes)] for _ in range(dp)])
                 elif stage == 3:
-                    inner.append(_zero3_fragments(shapes, dp))
+                    inner.append(zero3_fragments(shapes, dp))
                 else:
-                    inner.append(_zero12_fragments(shapes, dp))
+                    inner.append(zero12_fragments(shapes, dp))
             shapes = [g.shapes[i] for i in members]
             if tp_size == 1:
                 layout = Layout(shapes=shapes, fragments=inner[0], group=None, rank=0, replicated=stage == 0)
