@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from disco_ds.trainer.config import ConfigError, RunConfig
 from disco_ds.trainer.scaling import Plan
@@ -79,12 +78,18 @@ def _saved_bytes(model: torch.nn.Module, micro_batch: int, seq_len: int) -> floa
             saved[id(base)] = base.numel() * base.element_size()
         return tensor
 
+    from disco_ds.models.norm_gpt.modeling_norm_gpt import LOSS_CHUNK_LOGITS
+
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
-    # The loss's fp32 logits and their gradient coexist at the start of the backward.
-    return float(sum(saved.values()) + 2 * logits.numel() * 4)
+        model.model(input_ids=ids, use_cache=False)
+    # The trainer's loss (loop._loss) is the chunked linear cross-entropy: it keeps the final hidden
+    # states (saved above) and one float32 log-sum-exp per token, and while it runs one chunk's
+    # float32 logits with, in backward, their gradient beside them.
+    tokens = micro_batch * seq_len
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk = min(tokens, max(1, LOSS_CHUNK_LOGITS // vocab))
+    return float(sum(saved.values()) + tokens * 4 + 2 * chunk * vocab * 4)
 
 
 def activation_bytes(model_config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype) -> tuple[float, float]:
