@@ -78,7 +78,7 @@ def _recipe(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     # The launched ranks, as `train` counts them: tensor parallelism divides them into replicas.
-    world = args.world_size or cfg.train.reference_world_size * cfg.train.tp_size
+    world = args.world_size or cfg.train.reference_world_size * cfg.train.tp_size * cfg.train.pp_size
     plan = plan_run(cfg, data_parallel_size(cfg, world))
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print()

@@ -19,6 +19,7 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from disco_ds.trainer.config import RunConfig
@@ -27,11 +28,12 @@ from disco_ds.optim import Scion
 from disco_ds.optim.newton_schulz import compile_iteration
 from disco_ds.optim.param_groups import classify_parameters, scion_param_groups
 from disco_ds.distributed.tensor_parallel import autotp_config
+from disco_ds.trainer.pipeline import NormGPTPipeline, build_pipeline
 from disco_ds.trainer.scaling import Plan
 from disco_ds.models.norm_gpt.configuration_norm_gpt import NormGPTConfig
 from disco_ds.models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
 
-__all__ = ["OWNED_KEYS", "deepspeed_config", "engine_config", "build_model_config", "communication_device", "build_model",
+__all__ = ["OWNED_KEYS", "deepspeed_config", "engine_config", "build_model_config", "communication_device", "model_roles", "build_model",
            "build_engine"]
 
 # Keys of the DeepSpeed config that the recipe owns, with the recipe keys that set them: a user JSON
@@ -116,8 +118,17 @@ def _skips_gradient_norm(config: dict[str, Any]) -> bool:
 
 
 def engine_config(cfg: RunConfig, plan: Plan, model_config: NormGPTConfig) -> dict[str, Any]:
-    """:func:`deepspeed_config` plus what tensor parallelism adds: the config the trainer's engine gets."""
+    """:func:`deepspeed_config` plus what tensor or pipeline parallelism adds: the config the
+    trainer's engine gets.
+
+    Raises:
+        ValueError: ``train.pp_size`` exceeds the model's pipeline parts (embedding, blocks, head).
+    """
     config = deepspeed_config(cfg, plan)
+    parts = model_config.n_layer + 2
+    if cfg.train.pp_size > parts:
+        raise ValueError(f"train.pp_size={cfg.train.pp_size} exceeds the model's {parts} pipeline parts "
+                         f"(embedding, {model_config.n_layer} blocks, head); accepted: 1 to {parts}")
     if cfg.train.tp_size > 1:
         config["tensor_parallel"] = autotp_config(model_config, cfg.train.tp_size)
         # DeepSpeed 0.19.8 checks train_batch_size against micro × accumulation × *all* ranks before
@@ -137,12 +148,30 @@ def build_model_config(cfg: RunConfig, meta: dict[str, Any]) -> NormGPTConfig:
     return NormGPTConfig.from_preset(cfg.model.preset, **overrides)
 
 
+def model_roles(model_config: NormGPTConfig) -> list[str]:
+    """The optimizer roles (:func:`~disco_ds.optim.param_groups.classify_parameters`) of the
+    model's parameters, in order of first appearance: what the trainer logs a learning rate for
+    (under a pipeline a stage's optimizer holds only some of them)."""
+    with torch.device("meta"):
+        model = NormGPTForCausalLM(model_config)
+    return list(dict.fromkeys(role for role, _ in classify_parameters(model).values()))
+
+
 def _build_optimizer(cfg: RunConfig, model: torch.nn.Module, plan: Plan) -> torch.optim.Optimizer:
+    """Scion (or AdamW) over ``model``'s parameters: under a pipeline, this stage's only, and the
+    replicas Scion agrees with are the stage's data-parallel ranks, not the world."""
     o = cfg.optimizer
     if o.name == "scion":
         groups = scion_param_groups(model, lr=plan.lr, lr_ratios=tuple(o.lr_ratios), vector_lr_ratio=o.vector_lr_ratio,
                                     momentum=o.momentum, weight_decay=o.weight_decay, ns_steps=o.ns_steps, ns_method=o.ns_method)
-        return Scion(groups, comm_dtype=getattr(torch, o.comm_dtype))
+        stage_group = None
+        if isinstance(model, NormGPTPipeline):
+            # Hugging Face names, as in a one-stage run: the monitor seeds its power iteration from
+            # them, per-matrix counters and messages use them.
+            for group in groups:
+                group["param_names"] = [model.hf_name(name) for name in group["param_names"]]
+            stage_group = model._grid.get_data_parallel_group()
+        return Scion(groups, comm_dtype=getattr(torch, o.comm_dtype), process_group=stage_group)
     # AdamW, the paper's baseline: the same roles and per-role peak rates, the same schedule.
     by_role: dict[str, list[torch.nn.Parameter]] = {}
     for _, (role, p) in classify_parameters(model).items():
@@ -202,12 +231,20 @@ def build_model(cfg: RunConfig, model_config: NormGPTConfig, ds_config: dict[str
 
 def build_engine(cfg: RunConfig, model_config: NormGPTConfig, plan: Plan, ds_config: dict[str, Any],
                  device: torch.device, phase_done: Callable[[str], None] | None = None) -> tuple[Any, torch.optim.Optimizer]:
-    """``(engine, optimizer)``: the DeepSpeed engine around :func:`build_model`'s model and our
-    optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it). With ``train.compile`` the
+    """``(engine, optimizer)``: the DeepSpeed engine around :func:`build_model`'s model (with
+    ``train.pp_size > 1``: DeepSpeed's pipeline engine around this rank's stage,
+    :func:`~disco_ds.trainer.pipeline.build_pipeline`) and our optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it). With ``train.compile`` the
     model and Newton–Schulz are ``torch.compile``-d (compiled at their first call). ``phase_done``
     is called with the name of each finished phase (model built, engine ready)."""
     phase_done = phase_done or (lambda _phase: None)
-    model = build_model(cfg, model_config, ds_config, device)
+    model: torch.nn.Module
+    if cfg.train.pp_size > 1:
+        model = build_pipeline(model_config, pp_size=cfg.train.pp_size, world_size=dist.get_world_size(), device=device,
+                               seed=cfg.train.seed, document_mask=cfg.data.document_mask,
+                               partition_method=cfg.pipeline.partition_method,
+                               activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval)
+    else:
+        model = build_model(cfg, model_config, ds_config, device)
     phase_done("model built")
     # DeepSpeed gets a factory it calls once the model is final: AutoTP replaces the weights by
     # their shards inside deepspeed.initialize, and the optimizer must hold what is stepped.

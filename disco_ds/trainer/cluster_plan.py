@@ -622,6 +622,9 @@ def plan_cluster(recipe: str | Path, cluster: Cluster, *, zero_stage: int | None
     cfg = load_config(path, extra)
     if cfg.optimizer.name != "scion":
         raise ConfigError(f"optimizer.name={cfg.optimizer.name!r}: disco_ds plan models Scion's exchange; accepted: 'scion'")
+    if cfg.train.pp_size > 1:
+        raise ConfigError(f"train.pp_size={cfg.train.pp_size}: disco_ds plan models data and tensor parallelism; "
+                          "accepted: 1 (a pipeline stage's exchange is that of its blocks over the stage's data-parallel ranks)")
     run = plan_run(cfg, data_parallel_size(cfg, cluster.world_size))
     model_config = recipe_model(cfg)
     try:

@@ -26,6 +26,7 @@ __all__ = [
     "ScheduleConfig",
     "ScalingConfig",
     "TrainConfig",
+    "PipelineConfig",
     "EvalConfig",
     "CheckpointConfig",
     "LoggingConfig",
@@ -41,6 +42,9 @@ DECAY_SHAPES = ("linear", "sqrt", "cosine")
 NS_METHODS = ("quintic", "polar_express", "svd")
 COMM_DTYPES = ("bfloat16", "float32")
 GRAD_DTYPES = ("float32", "bfloat16")
+PARTITION_METHODS = ("parameters", "uniform", "type:BlockPart")
+"""``pipeline.partition_method``: balance the stages' parameters, their parts (embedding, blocks,
+head), or their blocks only (DeepSpeed's ``PipelineModule`` methods)."""
 
 
 class ConfigError(ValueError):
@@ -152,6 +156,10 @@ class TrainConfig:
     tp_size: int = 1
     """Tensor-parallel ranks per model replica (DeepSpeed AutoTP); the data-parallel size is the
     world size divided by it. 1: no tensor parallelism."""
+    pp_size: int = 1
+    """Pipeline stages per model replica (DeepSpeed's pipeline engine, :mod:`disco_ds.trainer.pipeline`);
+    the data-parallel size is the world size divided by it, the micro-batches of a step are the
+    plan's accumulation. Needs ``zero_stage`` 0 or 1 and ``tp_size`` 1. 1: no pipeline."""
     bf16: bool = True
     grad_dtype: str = "float32"
     """dtype in which DeepSpeed accumulates micro-batch gradients and reduces them over ranks:
@@ -169,6 +177,18 @@ class TrainConfig:
     """A DeepSpeed JSON whose keys override the generated config."""
     run_dir: str = "runs/{name}"
     name: str = "run"
+
+
+@dataclass
+class PipelineConfig:
+    """How ``train.pp_size > 1`` cuts the model (:class:`~disco_ds.trainer.pipeline.NormGPTPipeline`)."""
+
+    partition_method: str = "parameters"
+    """One of ``PARTITION_METHODS``: ``parameters`` (the default: the embedding and the output layer
+    weigh as much as blocks of the same size), ``uniform`` or ``type:BlockPart`` (blocks only)."""
+    activation_checkpoint_interval: int = 0
+    """Recompute activations in backward, keeping only every this many parts' inputs; 0: keep
+    them all (``model.gradient_checkpointing`` does this for ``pp_size: 1``)."""
 
 
 @dataclass
@@ -219,6 +239,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -349,6 +370,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(s.warmup + s.decay <= 1, "schedule.decay", f"warmup ({s.warmup}) + decay ({s.decay}) exceed the whole run")
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     _require(t.tp_size >= 1, "train.tp_size", f"must be at least 1, got {t.tp_size}")
+    _require(t.pp_size >= 1, "train.pp_size", f"must be at least 1, got {t.pp_size}")
+    if t.pp_size > 1:
+        _check_pipeline(cfg)
+    else:
+        for key, value in dataclasses.asdict(cfg.pipeline).items():
+            _require(value == getattr(PipelineConfig(), key), f"pipeline.{key}",
+                     f"{value!r} has no effect with train.pp_size=1 (pipeline.* keys configure pipeline stages)")
     _require(t.grad_dtype in GRAD_DTYPES, "train.grad_dtype", f"{t.grad_dtype!r} is not one of {list(GRAD_DTYPES)}")
     _require(t.bf16 or t.grad_dtype == "float32", "train.grad_dtype",
              "bfloat16 needs train.bf16=true (an fp32 model has fp32 gradients)")
@@ -389,6 +417,36 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(positions is None or cfg.data.seq_len <= positions, "data.seq_len",
              f"{cfg.data.seq_len} exceeds the model's max_position_embeddings ({positions})")
     return cfg
+
+
+PIPELINE_COMBINATIONS = ("train.pp_size > 1 runs with train.zero_stage 0 or 1, train.tp_size 1, "
+                         "pipeline.activation_checkpoint_interval instead of model.gradient_checkpointing, "
+                         "eval.sample_tokens 0 and train.compile false")
+"""What composes with pipeline parallelism (DeepSpeed's pipeline engine has no ZeRO-2/3 and no AutoTP)."""
+
+
+def _check_pipeline(cfg: RunConfig) -> None:
+    """Refuse what DeepSpeed's pipeline engine cannot run, naming the keys and what is supported."""
+    t, p = cfg.train, cfg.pipeline
+    _require(t.zero_stage in (0, 1), "train.zero_stage",
+             f"{t.zero_stage} with train.pp_size={t.pp_size}: DeepSpeed's pipeline engine partitions neither "
+             f"gradients nor weights (ZeRO-2/3). Supported: {PIPELINE_COMBINATIONS}")
+    _require(t.tp_size == 1, "train.tp_size",
+             f"{t.tp_size} with train.pp_size={t.pp_size}: AutoTP does not compose with DeepSpeed's pipeline "
+             f"engine. Supported: {PIPELINE_COMBINATIONS}")
+    _require(not cfg.model.gradient_checkpointing, "model.gradient_checkpointing",
+             f"true with train.pp_size={t.pp_size}: set pipeline.activation_checkpoint_interval (e.g. 1) instead. "
+             f"Supported: {PIPELINE_COMBINATIONS}")
+    _require(cfg.eval.sample_tokens == 0, "eval.sample_tokens",
+             f"{cfg.eval.sample_tokens} with train.pp_size={t.pp_size}: generation needs the whole model on one rank; "
+             f"sample from the exported checkpoint (disco_ds export, then generate). Supported: {PIPELINE_COMBINATIONS}")
+    _require(not t.compile, "train.compile",
+             f"true with train.pp_size={t.pp_size}: the pipeline engine's parts are not compiled. "
+             f"Supported: {PIPELINE_COMBINATIONS}")
+    _require(p.partition_method in PARTITION_METHODS, "pipeline.partition_method",
+             f"{p.partition_method!r} is not one of {list(PARTITION_METHODS)}")
+    _require(p.activation_checkpoint_interval >= 0, "pipeline.activation_checkpoint_interval",
+             f"must be 0 (off) or a number of parts, got {p.activation_checkpoint_interval}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import deepspeed
@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 import yaml
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from disco_ds.trainer.checkpoint import PORTABLE, load_checkpoint, save_checkpoint, select_checkpoint
-from disco_ds.trainer.build import build_engine, build_model_config, communication_device, engine_config
+from disco_ds.trainer.build import build_engine, build_model_config, communication_device, engine_config, model_roles
 from disco_ds.trainer.config import ConfigError, RunConfig, to_dict
 from disco_ds.data import TokenStream, document_positions, eval_batches
 from disco_ds.data.prefetch import DevicePrefetcher, to_device
@@ -34,7 +35,7 @@ from disco_ds.trainer.evaluation import eval_sample, readable_metrics
 from disco_ds.trainer.guidance import NormGuide, reachable_norm
 from disco_ds.trainer.metrics import OUTPUT_NORM, RUN_LOG, MetricsLogger, RunLog, flops_per_token, memory_gib
 from disco_ds.optim import Scion
-from disco_ds.optim.monitor import NormMonitor
+from disco_ds.optim.monitor import TOTALS, NormMonitor
 from disco_ds.integrations.reshard import load_portable, save_portable
 from disco_ds.trainer.resume import plan_resume, run_record
 from disco_ds.trainer.preflight import DataCheck, check_data, check_resume, check_sampling, check_vocabulary, check_windows
@@ -82,22 +83,55 @@ def _loss(engine: Any, inputs: torch.Tensor, targets: torch.Tensor, eot_id: int 
 def _evaluate(engine: Any, files: list[Path], cfg: RunConfig, device: torch.device, eot_id: int | None) -> float:
     """Mean validation loss over every rank's share of the validation windows. The sums stay on
     ``device`` (the communication device) until one all-reduce and one read at the end."""
-    engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss·tokens, tokens
-    rank, world = _data_parallel_rank_and_size(cfg)
-    for inputs, targets in eval_batches(files, cfg.data.seq_len, cfg.train.micro_batch, rank, world, cfg.eval.tokens):
-        total[0] += _loss(engine, to_device(inputs, device), to_device(targets, device), eot_id).double() * targets.numel()
-        total[1] += targets.numel()
-    engine.train()
+    rank, world = _data_parallel_rank_and_size(cfg, engine)
+    windows = eval_batches(files, cfg.data.seq_len, cfg.train.micro_batch, rank, world, cfg.eval.tokens)
+    if isinstance(engine, PipelineEngine):
+        _evaluate_pipeline(engine, list(windows), device, eot_id, total)
+    else:
+        engine.eval()
+        for inputs, targets in windows:
+            total[0] += _loss(engine, to_device(inputs, device), to_device(targets, device), eot_id).double() * targets.numel()
+            total[1] += targets.numel()
+        engine.train()
     if dist.get_world_size() > 1:
-        dist.all_reduce(total)  # every TP rank adds the same numbers: the ratio is unchanged
+        dist.all_reduce(total)  # TP ranks add the same numbers, pipeline stages other than the last zeros
     loss_tokens, count = total.tolist()
     return loss_tokens / count
 
 
-def _data_parallel_rank_and_size(cfg: RunConfig) -> tuple[int, int]:
-    """This rank's data-parallel rank and size: all ranks of one tensor-parallel group must read the
-    same tokens (their row-parallel all-reduces add up partial results of the same inputs)."""
+def _evaluate_pipeline(engine: PipelineEngine, windows: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                       eot_id: int | None, total: torch.Tensor) -> None:
+    """Add the validation windows of this pipeline's data-parallel rank to ``total`` (on the last
+    stage; the other stages add nothing): all of them through the pipeline in one schedule."""
+    batches = _pipeline_batches(((to_device(i, device), to_device(t, device)) for i, t in windows), eot_id)
+    losses = engine.eval_batch(batches, reduce_output=None, bcast_loss=False, num_micro_batches=len(windows))
+    engine.train()
+    if engine.is_last_stage():
+        for loss, (_, targets) in zip(losses, windows):
+            total[0] += loss.double() * targets.numel()
+            total[1] += targets.numel()
+
+
+def _pipeline_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                      eot_id: int | None) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """``((input_ids, position_ids), targets)`` micro-batches, what the pipeline engine feeds its
+    first stage (the inputs) and its last (the targets): positions restart after every
+    end-of-text with ``eot_id`` (``data.document_mask``), else count the window."""
+    for inputs, targets in batches:
+        if eot_id is not None:
+            positions = document_positions(inputs, eot_id)
+        else:
+            positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+        yield (inputs, positions), targets
+
+
+def _data_parallel_rank_and_size(cfg: RunConfig, engine: Any = None) -> tuple[int, int]:
+    """This rank's data-parallel rank and size: all ranks of one tensor-parallel group, and all
+    stages of one pipeline, must read the same tokens (a row-parallel all-reduce adds up partial
+    results of the same inputs; the last stage's targets belong to the first stage's inputs)."""
+    if isinstance(engine, PipelineEngine):
+        return engine.grid.get_data_parallel_id(), engine.grid.get_data_parallel_world_size()
     if cfg.train.tp_size > 1:
         from deepspeed.utils import groups
 
@@ -182,7 +216,9 @@ class _PendingSteps:
     all-reduce of all pending losses and one copy; tokens/s is the rate over that span.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pipe_group: Any = None) -> None:
+        self.pipe_group = pipe_group
+        """Under a pipeline: the ranks holding this replica's stages, whose norms are combined."""
         self.rows: list[tuple[int, dict[str, Any]]] = []
         self.losses: list[torch.Tensor] = []
         self.norms: list[dict[str, torch.Tensor]] = []
@@ -203,6 +239,8 @@ class _PendingSteps:
         if dist.get_world_size() > 1:
             dist.all_reduce(losses)
             losses /= dist.get_world_size()
+        if self.pipe_group is not None:
+            self.norms = combine_stage_norms(self.norms, self.pipe_group)
         # The norms (the same on every rank) travel back in the same copy as the losses.
         totals = [t.float().reshape(-1) for norms in self.norms for t in norms.values()]
         values = torch.cat([losses, *totals]).tolist()
@@ -218,6 +256,31 @@ class _PendingSteps:
         seconds_per_step = (now - self.since) / len(self.rows)
         self.rows, self.losses, self.norms, self.since = [], [], [], now
         return out, seconds_per_step
+
+
+def combine_stage_norms(per_step: list[dict[str, torch.Tensor]], pipe_group: Any) -> list[dict[str, torch.Tensor]]:
+    """Each step's monitored norms (:data:`~disco_ds.optim.monitor.TOTALS` per group label)
+    combined over the stages of a pipeline, the same on every stage: a group's largest norms are
+    the largest over the stages holding some of its matrices, its sums of squares their sum. Which
+    labels each step measured comes from every stage's host-side lists (one object all-gather);
+    the numbers stay on the device, two all-reduces over ``pipe_group`` for all pending steps."""
+    local = [sorted(norms) for norms in per_step]
+    gathered: list[Any] = [None] * dist.get_world_size(pipe_group)
+    dist.all_gather_object(gathered, local, group=pipe_group)
+    measured = [sorted(set().union(*(stage[i] for stage in gathered))) for i in range(len(per_step))]
+    labels = sorted(set().union(*measured))
+    if not labels:
+        return per_step
+    table = torch.zeros(len(per_step), len(labels), len(TOTALS), device=communication_device())
+    for i, norms in enumerate(per_step):
+        for j, label in enumerate(labels):
+            if label in norms:
+                table[i, j] = norms[label].float()
+    largest, sums = table[..., :2].contiguous(), table[..., 2:].contiguous()
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=pipe_group)  # norms are never negative
+    dist.all_reduce(sums, group=pipe_group)
+    table = torch.cat([largest, sums], dim=-1)
+    return [{label: table[i, labels.index(label)] for label in measured[i]} for i in range(len(per_step))]
 
 
 def _validate(cfg: RunConfig, world: int) -> tuple[DataCheck, NormGPTConfig, Plan, dict[str, Any]]:
@@ -318,7 +381,7 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
     engine, optimizer = build_engine(cfg, model_config, plan, ds_config, device, startup)
     peaks = [float(g["lr"]) for g in optimizer.param_groups]
 
-    dp_rank, _ = _data_parallel_rank_and_size(cfg)
+    dp_rank, _ = _data_parallel_rank_and_size(cfg, engine)
     stream = TokenStream(train_files, cfg.data.seq_len, cfg.train.micro_batch, dp_rank, dp_world, seed=cfg.data.seed)
     step, tokens = 0, 0
     if resume is not None:
@@ -350,7 +413,10 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
     guide, output_lr_left = _norm_guide(cfg, plan, model_config, rank) if scion else (None, None)
     last_checkpoint = resume_from
     loss_value = val_loss = float("nan")
-    pending = _PendingSteps()
+    # Under a pipeline each stage's optimizer holds some roles: the learning rates logged are the
+    # plan's (every role of the model), the norms are combined over the stages at each read.
+    role_peaks = {role: plan.group_lrs[role] for role in model_roles(model_config)}
+    pending = _PendingSteps(engine.grid.get_pipe_parallel_group() if isinstance(engine, PipelineEngine) else None)
     norms_every = cfg.logging.norms_interval or cfg.logging.interval
 
     # The portable file lets a resume change the world size or ZeRO stage (Scion, no TP only).
@@ -400,6 +466,8 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
     # The next micro-batch is read and on its way to the device while the current one trains; the
     # stream's position, which checkpoints save, counts only the batches trained on.
     batches = DevicePrefetcher(stream, device)
+    pipelined = isinstance(engine, PipelineEngine)
+    pipeline_batches = _pipeline_batches(iter(batches.next_batch, None), eot_id) if pipelined else None
     first_step = True
     while step < plan.run_steps:
         factor = wsd_factor(step, plan.steps, cfg.schedule.warmup, cfg.schedule.decay, cfg.schedule.decay_shape,
@@ -408,13 +476,19 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
             group["lr"] = peak * factor
         if scion:  # every group's norms each norms_interval; the output layer's (the paper's instrument) always
             optimizer.track_norms = True if step % norms_every == 0 else OUTPUT_ONLY
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(plan.accumulation):
-            inputs, targets = batches.next_batch()
-            loss = _loss(engine, inputs, targets, eot_id)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach()
+        if pipeline_batches is not None:
+            # All micro-batches through the stages and the step; the mean loss over micro-batches
+            # and data-parallel ranks comes back on every rank, still on the device.
+            mean_loss = engine.train_batch(pipeline_batches)
+        else:
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(plan.accumulation):
+                inputs, targets = batches.next_batch()
+                loss = _loss(engine, inputs, targets, eot_id)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach()
+            mean_loss = loss_sum / plan.accumulation
         step += 1
         tokens += plan.batch_tokens
         if first_step:
@@ -422,9 +496,9 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
             startup("first step done")
             first_step = False
         metrics: dict[str, Any] = {"tokens": float(tokens), "memory_gib": memory_gib()}
-        for group in optimizer.param_groups:
-            metrics[f"lr/{group['role']}"] = float(group["lr"])
-        pending.add(step, loss_sum / plan.accumulation, metrics, optimizer.pop_norms() if scion else None)
+        for role, peak in role_peaks.items():
+            metrics[f"lr/{role}"] = peak * factor
+        pending.add(step, mean_loss, metrics, optimizer.pop_norms() if scion else None)
 
         last = step == plan.run_steps
         evaluate = bool(cfg.eval.interval and step % cfg.eval.interval == 0) or last

@@ -57,17 +57,20 @@ class Plan:
 
 
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
-    """Model replicas among ``world_size`` launched ranks: ``world_size / train.tp_size`` (every
-    tensor-parallel group reads the same micro-batches). The one rule ``train`` and ``recipe`` share.
+    """Model replicas among ``world_size`` launched ranks: ``world_size / (train.tp_size ·
+    train.pp_size)`` (every tensor-parallel group reads the same micro-batches; a replica's pipeline
+    stages read one stream). The one rule ``train`` and ``recipe`` share.
 
     Raises:
-        ConfigError: ``train.tp_size`` does not divide ``world_size``.
+        ConfigError: ``train.tp_size · train.pp_size`` does not divide ``world_size``.
     """
-    tp = cfg.train.tp_size
-    if world_size < 1 or world_size % tp:
-        raise ConfigError(f"train.tp_size={tp} does not divide the {world_size} launched ranks; "
-                          f"accepted: a divisor of {world_size}, or launch a multiple of {tp} ranks")
-    return world_size // tp
+    tp, pp = cfg.train.tp_size, cfg.train.pp_size
+    per_replica = tp * pp
+    if world_size < 1 or world_size % per_replica:
+        keys = " · ".join(k for k, v in (("train.tp_size", tp), ("train.pp_size", pp)) if v > 1) or "train.tp_size"
+        raise ConfigError(f"{keys}={per_replica} does not divide the {world_size} launched ranks; "
+                          f"accepted: a divisor of {world_size}, or launch a multiple of {per_replica} ranks")
+    return world_size // per_replica
 
 
 def plan_run(cfg: RunConfig, world_size: int) -> Plan:
@@ -105,9 +108,10 @@ def format_plan(cfg: RunConfig, plan: Plan) -> str:
         f"schedule    WSD: warmup {cfg.schedule.warmup:.0%}, decay {cfg.schedule.decay:.0%} ({cfg.schedule.decay_shape}) to "
         f"{cfg.schedule.min_lr_ratio:g}·η; optimizer {cfg.optimizer.name}, momentum {cfg.optimizer.momentum:g}",
     ]
-    tp = cfg.train.tp_size
-    if tp > 1:
-        lines.insert(4, f"parallel    {plan.world_size * tp} ranks = {plan.world_size} data-parallel replicas × tensor parallel {tp}")
+    tp, pp = cfg.train.tp_size, cfg.train.pp_size
+    if tp > 1 or pp > 1:
+        kind = f"tensor parallel {tp}" if tp > 1 else f"{pp} pipeline stages"
+        lines.insert(4, f"parallel    {plan.world_size * tp * pp} ranks = {plan.world_size} data-parallel replicas × {kind}")
     warning = batch_warning(cfg, plan)
     if warning:
         lines.append(f"warning     {warning}")
