@@ -84,9 +84,10 @@ import torch
 import torch.distributed as dist
 
 from disco_ds.distributed import accelerator_device, logical_shape, raise_if_any_failed
+from disco_ds.integrations.pipeline import NormGPTPipeline
 from disco_ds.optim import Scion
 
-__all__ = ["save_portable", "load_portable", "PORTABLE_FORMAT"]
+__all__ = ["save_portable", "load_portable", "named_parameters", "PORTABLE_FORMAT"]
 
 PORTABLE_FORMAT = "disco_ds.portable_scion/1"
 """Value of the file's ``format`` key; :func:`load_portable` refuses anything else."""
@@ -102,13 +103,18 @@ class _Layout:
     """Where Scion's fp32 masters and momentum live in one engine (built identically on every rank)."""
 
     def __init__(self, engine: Any, optimizer: Any) -> None:
-        if getattr(engine, "mpu", None) is not None or int(getattr(engine, "sequence_parallel_size", 1) or 1) > 1:
-            raise NotImplementedError("disco_ds.integrations.reshard: only pure data parallelism is supported (no tensor, "
-                                      "pipeline or sequence parallelism: their shards are not full tensors)")
+        self.pipeline = engine.module if isinstance(engine.module, NormGPTPipeline) else None
+        """This stage of a NormGPT pipeline (its parameters are whole; they go by Hugging Face names)."""
+        if (getattr(engine, "mpu", None) is not None and self.pipeline is None) or int(getattr(engine, "sequence_parallel_size", 1) or 1) > 1:
+            raise NotImplementedError("disco_ds.integrations.reshard: data parallelism and NormGPT pipelines only (no tensor "
+                                      "or sequence parallelism: their shards are not full tensors)")
         self.engine = engine
         self.scion = _find_scion(optimizer if optimizer is not None else engine.optimizer)
         self.wrapper = engine.optimizer
-        self.names: dict[int, str] = {id(p): n for n, p in engine.module.named_parameters()}
+        self.named = named_parameters(engine)
+        self.names: dict[int, str] = {id(p): n for n, p in self.named}
+        # Ranks that hold the same parameters (all of them, without a pipeline).
+        self.replica_group = self.pipeline._grid.get_data_parallel_group() if self.pipeline is not None else None
         self.group_of: dict[int, int] = {}  # id(model parameter) -> index in scion.param_groups
         self.group_names: list[list[str]] = []
         for i, group in enumerate(self.scion.param_groups):
@@ -178,6 +184,15 @@ class _Layout:
             lazy_init_hp_params_optimizer_state(members, self.flat_of_group(i), self.scion.state)
 
 
+def named_parameters(engine: Any) -> list[tuple[str, torch.Tensor]]:
+    """The engine's parameters under the names the portable file uses: the module's own, or for a
+    NormGPT pipeline stage the Hugging Face names of its parts' parameters (a pipelined run's file
+    is then the file the one-stage run writes)."""
+    if isinstance(engine.module, NormGPTPipeline):
+        return engine.module.hf_named_parameters()
+    return list(engine.module.named_parameters())
+
+
 def _find_scion(optimizer: Any) -> Scion:
     """``optimizer`` itself or the Scion inside DeepSpeed's wrapper(s) (``.optimizer`` chain)."""
     seen = 0
@@ -219,16 +234,19 @@ def save_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str]) -> 
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     layout = _Layout(engine, optimizer)
-    named = list(engine.module.named_parameters())
-    rank = dist.get_rank() if _collective() else 0
+    named = layout.named
+    # The rank that writes what this rank's replicas hold: rank 0, or each stage's first
+    # data-parallel rank, whose parts then travel to rank 0.
+    rank = dist.get_rank(layout.replica_group) if _collective() else 0
     layout.relink_momentum_fragments()
 
-    # Which parameters have momentum must be decided identically on every rank (each one is a
-    # collective below): take the minimum over ranks of the local answer, on the communication device.
+    # Which parameters have momentum must be decided identically on every rank that holds them
+    # (each one is a collective below): the minimum over those ranks of the local answer, on the
+    # communication device.
     has_momentum = torch.tensor([1.0 if layout.has_momentum(p) else 0.0 for _, p in named], dtype=torch.float32,
                                 device=accelerator_device())
     if _collective():
-        dist.all_reduce(has_momentum, op=dist.ReduceOp.MIN)
+        dist.all_reduce(has_momentum, op=dist.ReduceOp.MIN, group=layout.replica_group)
 
     params: dict[str, torch.Tensor] = {}
     momentum: dict[str, torch.Tensor] = {}
@@ -248,11 +266,14 @@ def save_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str]) -> 
             if exp_avg is not None:
                 momentum[name] = _for_file(exp_avg, p)
 
+    groups = []
     if rank == 0:
-        groups = []
         for i, group in enumerate(layout.scion.param_groups):
             hyper = {k: v for k, v in group.items() if k != "params"}
             groups.append({"names": layout.group_names[i], "hyperparameters": hyper})
+    if layout.pipeline is not None and rank == 0:
+        params, momentum, groups = _gather_stages(layout.pipeline, params, momentum, groups)
+    if rank == 0 and (layout.pipeline is None or dist.get_rank() == 0):
         scheduler = getattr(engine, "lr_scheduler", None)
         record = {
             "format": PORTABLE_FORMAT,
@@ -266,6 +287,7 @@ def save_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str]) -> 
             "lr_scheduler": scheduler.state_dict() if scheduler is not None and hasattr(scheduler, "state_dict") else None,
             "saved_world_size": dist.get_world_size() if _collective() else 1,
             "saved_zero_stage": int(engine.zero_optimization_stage()),
+            "saved_pp_size": layout.pipeline.num_stages if layout.pipeline is not None else 1,
         }
         try:
             _atomic_save(record, Path(path))
@@ -273,6 +295,33 @@ def save_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str]) -> 
             error = f"{path}: {type(err).__name__}: {err}"
     # Instead of a barrier: rank 0's verdict, the same error on every rank when the write failed.
     raise_if_any_failed(error, None, accelerator_device(), f"writing the portable checkpoint {path}")
+
+
+def _gather_stages(pipeline: NormGPTPipeline, params: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor],
+                   groups: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """On the first data-parallel rank of every stage: every stage's tensors and groups at rank 0
+    (an object gather over that column of stages; the tensors are in host memory already). A
+    role's groups on several stages become one group, names in stage order, as a one-stage run
+    has it. Others than rank 0 get empty results."""
+    column = pipeline._grid.get_pipe_parallel_group()
+    stages: list[Any] = [None] * pipeline.num_stages if dist.get_rank() == 0 else None
+    dist.gather_object((params, momentum, groups), stages, dst=0, group=column)
+    if dist.get_rank() != 0:
+        return {}, {}, []
+    merged_params: dict[str, torch.Tensor] = {}
+    merged_momentum: dict[str, torch.Tensor] = {}
+    merged_groups: dict[str, dict[str, Any]] = {}
+    for stage_params, stage_momentum, stage_groups in stages:
+        merged_params.update(stage_params)
+        merged_momentum.update(stage_momentum)
+        for group in stage_groups:
+            label = str(group["hyperparameters"].get("role", len(merged_groups)))
+            if label in merged_groups:
+                merged_groups[label]["names"] = merged_groups[label]["names"] + group["names"]
+            else:
+                merged_groups[label] = group
+    # Hugging Face order (the embedding, the blocks, the head), as a one-stage file lists them.
+    return merged_params, merged_momentum, list(merged_groups.values())
 
 
 def _for_file(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -347,8 +396,8 @@ def load_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str], *, 
         raise ValueError(f"disco_ds.integrations.reshard: {path} is not a portable Scion checkpoint (format {PORTABLE_FORMAT!r})")
     saved_params: dict[str, torch.Tensor] = record["params"]
     saved_momentum: dict[str, torch.Tensor] = record[MOMENTUM_KEY]
-    named = list(engine.module.named_parameters())
-    _check_names_and_shapes(named, saved_params, strict)
+    named = layout.named
+    _check_names_and_shapes(named, saved_params, strict, layout.pipeline)
     group_map = _match_groups(layout, record["param_groups"])
 
     z3 = layout.wrapper if layout.mode == "zero3" else None
@@ -422,9 +471,19 @@ def load_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str], *, 
     return {k: record[k] for k in ("global_steps", "global_samples", "saved_world_size", "saved_zero_stage")}
 
 
-def _check_names_and_shapes(named: list[tuple[str, torch.Tensor]], saved: dict[str, torch.Tensor], strict: bool) -> None:
+def _check_names_and_shapes(named: list[tuple[str, torch.Tensor]], saved: dict[str, torch.Tensor], strict: bool,
+                            pipeline: NormGPTPipeline | None) -> None:
+    """Under a pipeline the names of every stage together must be the file's (one object
+    all-gather over the stages), and each stage finds its own there."""
     names = {n for n, _ in named}
-    missing, unexpected = sorted(names - set(saved)), sorted(set(saved) - names)
+    if pipeline is not None and _collective():
+        column = pipeline._grid.get_pipe_parallel_group()
+        stages: list[Any] = [None] * pipeline.num_stages
+        dist.all_gather_object(stages, sorted(names), group=column)
+        every = set().union(*map(set, stages))
+        missing, unexpected = sorted(names - set(saved)), sorted(set(saved) - every)
+    else:
+        missing, unexpected = sorted(names - set(saved)), sorted(set(saved) - names)
     if strict and (missing or unexpected):
         raise ValueError(f"disco_ds.integrations.reshard: parameter names differ from the checkpoint; missing: {missing}, "
                          f"unexpected: {unexpected} (pass strict=False to load the common ones)")
@@ -440,6 +499,9 @@ def _match_groups(layout: _Layout, saved_groups: list[dict[str, Any]]) -> dict[i
     matched = {}
     for i, names in enumerate(layout.group_names):
         saved = by_names.get(tuple(names))
+        if saved is None and layout.pipeline is not None:
+            # A stage holds a run of a group's parameters (its blocks' share of the hidden group).
+            saved = next((g for g in saved_groups if set(names) <= set(g["names"])), None)
         if saved is None:
             raise ValueError(f"disco_ds.integrations.reshard: Scion param group {i} ({names}) has no saved group with the same "
                              f"parameters; saved groups: {[g['names'] for g in saved_groups]}")

@@ -28,7 +28,7 @@ from disco_ds.optim import Scion
 from disco_ds.optim.newton_schulz import compile_iteration
 from disco_ds.optim.param_groups import classify_parameters, scion_param_groups
 from disco_ds.distributed.tensor_parallel import autotp_config
-from disco_ds.trainer.pipeline import NormGPTPipeline, build_pipeline
+from disco_ds.integrations.pipeline import NormGPTPipeline, build_pipeline
 from disco_ds.trainer.scaling import Plan
 from disco_ds.models.norm_gpt.configuration_norm_gpt import NormGPTConfig
 from disco_ds.models.norm_gpt.modeling_norm_gpt import NormGPTForCausalLM
@@ -233,7 +233,7 @@ def build_engine(cfg: RunConfig, model_config: NormGPTConfig, plan: Plan, ds_con
                  device: torch.device, phase_done: Callable[[str], None] | None = None) -> tuple[Any, torch.optim.Optimizer]:
     """``(engine, optimizer)``: the DeepSpeed engine around :func:`build_model`'s model (with
     ``train.pp_size > 1``: DeepSpeed's pipeline engine around this rank's stage,
-    :func:`~disco_ds.trainer.pipeline.build_pipeline`) and our optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it). With ``train.compile`` the
+    :func:`~disco_ds.integrations.pipeline.build_pipeline`) and our optimizer (Scion or AdamW, not DeepSpeed's ZeRO wrapper around it). With ``train.compile`` the
     model and Newton–Schulz are ``torch.compile``-d (compiled at their first call). ``phase_done``
     is called with the name of each finished phase (model built, engine ready)."""
     phase_done = phase_done or (lambda _phase: None)

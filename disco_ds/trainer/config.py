@@ -157,7 +157,7 @@ class TrainConfig:
     """Tensor-parallel ranks per model replica (DeepSpeed AutoTP); the data-parallel size is the
     world size divided by it. 1: no tensor parallelism."""
     pp_size: int = 1
-    """Pipeline stages per model replica (DeepSpeed's pipeline engine, :mod:`disco_ds.trainer.pipeline`);
+    """Pipeline stages per model replica (DeepSpeed's pipeline engine, :mod:`disco_ds.integrations.pipeline`);
     the data-parallel size is the world size divided by it, the micro-batches of a step are the
     plan's accumulation. Needs ``zero_stage`` 0 or 1 and ``tp_size`` 1. 1: no pipeline."""
     bf16: bool = True
@@ -181,7 +181,7 @@ class TrainConfig:
 
 @dataclass
 class PipelineConfig:
-    """How ``train.pp_size > 1`` cuts the model (:class:`~disco_ds.trainer.pipeline.NormGPTPipeline`)."""
+    """How ``train.pp_size > 1`` cuts the model (:class:`~disco_ds.integrations.pipeline.NormGPTPipeline`)."""
 
     partition_method: str = "parameters"
     """One of ``PARTITION_METHODS``: ``parameters`` (the default: the embedding and the output layer

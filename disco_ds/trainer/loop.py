@@ -396,7 +396,7 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
         step, tokens = int(state["step"]), int(state["tokens"])
         stream.load_state_dict(state["data"])
         if rank == 0:
-            source = f" through its {PORTABLE} (another world size or ZeRO stage)" if resume.relayout else ""
+            source = f" through its {PORTABLE} (another layout: world size, ZeRO stage or pipeline stages)" if resume.relayout else ""
             print(f"resumed     {resume.path} (step {step}, {tokens:,} tokens){source}", flush=True)
 
     counts = model_config.parameter_counts()

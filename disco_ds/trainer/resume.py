@@ -8,8 +8,9 @@ values, unless ``checkpoint.allow_change=true``, and then every change is logged
 The plan keeps the checkpoint's batch: a recipe that leaves ``train.global_batch_tokens`` as it
 was gets the checkpoint's batch in tokens, so at another world size only the accumulation changes,
 and with it nothing else (the same B and D give the same η and the same number of steps). A
-different world size, ZeRO stage or tensor-parallel size cannot read DeepSpeed's sharded files; it
-loads the checkpoint's portable file (:mod:`disco_ds.integrations.reshard`) instead.
+different world size, ZeRO stage, tensor- or pipeline-parallel size cannot read DeepSpeed's sharded
+files; it loads the checkpoint's portable file (:mod:`disco_ds.integrations.reshard`) instead (not
+across tensor parallelism).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from disco_ds.trainer.scaling import Plan, plan_run
 
 __all__ = ["run_record", "plan_resume", "Resume", "LAYOUT_KEYS"]
 
-LAYOUT_KEYS = ("plan.world_size", "train.tp_size", "train.zero_stage")
+LAYOUT_KEYS = ("plan.world_size", "train.tp_size", "train.pp_size", "train.zero_stage")
 """Record keys whose change makes DeepSpeed's sharded files unreadable (the portable file is loaded)."""
 
 
@@ -50,6 +51,7 @@ def run_record(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
         **{f"plan.lr.{role}": lr for role, lr in sorted(plan.group_lrs.items())},
         "train.global_batch_tokens": t.global_batch_tokens,
         "train.tp_size": t.tp_size,
+        "train.pp_size": t.pp_size,
         "train.zero_stage": t.zero_stage,
         "train.bf16": t.bf16,
         "train.grad_dtype": t.grad_dtype,
@@ -126,11 +128,11 @@ def plan_resume(cfg: RunConfig, dp_world: int, path: Path, state: dict[str, Any]
     relayout = any(key in LAYOUT_KEYS for key in changed)
     if relayout:
         if cfg.train.tp_size > 1 or old.get("train.tp_size", 1) > 1 or cfg.optimizer.name != "scion":
-            raise CheckpointError(f"resuming {path} at another world size, ZeRO stage or tensor-parallel size needs "
+            raise CheckpointError(f"resuming {path} at another world size, ZeRO stage, tensor- or pipeline-parallel size needs "
                                   "its portable file, which exists for Scion without tensor parallelism only; "
                                   f"resume with {', '.join(f'{k}={old.get(k)}' for k in LAYOUT_KEYS if k in old)}")
         if not (path / PORTABLE).is_file():
-            raise CheckpointError(f"resuming {path} at another world size or ZeRO stage needs {path / PORTABLE}, "
+            raise CheckpointError(f"resuming {path} at another world size, ZeRO stage or pipeline-parallel size needs {path / PORTABLE}, "
                                   "which this checkpoint does not have (checkpoint.portable was false); resume "
                                   f"with {', '.join(f'{k}={old.get(k)}' for k in LAYOUT_KEYS if k in old)}")
     return Resume(path, state, plan, changes, relayout)

@@ -20,7 +20,7 @@ checkpoints use, so those files do not depend on the pipeline.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 import torch
 from deepspeed.pipe import PipelineModule
@@ -32,7 +32,22 @@ from disco_ds.models.norm_gpt.configuration_norm_gpt import NormGPTConfig
 from disco_ds.models.norm_gpt.modeling_norm_gpt import (AttentionMask, NormGPTForCausalLM, document_ids,
                                                         linear_cross_entropy, rms_norm, rope_cos_sin)
 
-__all__ = ["EmbeddingPart", "BlockPart", "HeadPart", "NormGPTPipeline", "build_pipeline", "stage_summary"]
+__all__ = ["EmbeddingPart", "BlockPart", "HeadPart", "NormGPTPipeline", "build_pipeline", "hf_name", "is_pipeline_checkpoint",
+           "merge_stage_files"]
+
+LAYER_FILES = "layer_*-model_states.pt"
+"""DeepSpeed's per-part weight files of a pipeline checkpoint (``layer_03-model_states.pt``), in its tag folder."""
+
+
+def hf_name(part: int, local: str, n_layer: int) -> str:
+    """The Hugging Face name of parameter ``local`` of pipeline part ``part`` (0: the embedding,
+    1…n_layer: the blocks, n_layer + 1: the head): ``hf_name(3, "block.attn.q_proj.weight", 12)``
+    is ``"model.layers.2.attn.q_proj.weight"``."""
+    if part == 0:
+        return "model." + local
+    if part <= n_layer:
+        return f"model.layers.{part - 1}." + local.removeprefix("block.")
+    return local
 
 Activations = tuple[torch.Tensor, torch.Tensor]
 """What one part hands the next: hidden states [B, T, d] and position ids [B, T]."""
@@ -40,8 +55,6 @@ Activations = tuple[torch.Tensor, torch.Tensor]
 
 class EmbeddingPart(nn.Module):
     """The first part: token ids and position ids in, embeddings and the same position ids out."""
-
-    hf_prefix = "model."
 
     def __init__(self, embed_tokens: nn.Embedding) -> None:
         super().__init__()
@@ -51,17 +64,15 @@ class EmbeddingPart(nn.Module):
         input_ids, position_ids = inputs
         return self.embed_tokens(input_ids), position_ids
 
-    def hf_name(self, local: str) -> str:
-        return self.hf_prefix + local
 
 
 class BlockPart(nn.Module):
     """One transformer block. Rotary angles and the document mask come from the position ids here,
     once per block (``B·T·head_dim/2`` angles: cheaper than sending them between stages)."""
 
-    def __init__(self, block: nn.Module, index: int, config: NormGPTConfig, documents: bool) -> None:
+    def __init__(self, block: nn.Module, config: NormGPTConfig, documents: bool) -> None:
         super().__init__()
-        self.block, self.index = block, index
+        self.block = block
         self.head_dim, self.rope_theta, self.documents = config.head_dim, config.rope_theta, documents
 
     def forward(self, inputs: Activations) -> Activations:
@@ -71,8 +82,6 @@ class BlockPart(nn.Module):
         mask = AttentionMask(documents=document_ids(position_ids) if self.documents else None)
         return self.block(x, cos=cos, sin=sin, mask=mask)[0], position_ids
 
-    def hf_name(self, local: str) -> str:
-        return f"model.layers.{self.index}." + local.removeprefix("block.")
 
 
 class HeadPart(nn.Module):
@@ -90,8 +99,6 @@ class HeadPart(nn.Module):
         """Mean next-token loss (``targets`` are the next tokens: nothing is shifted or ignored)."""
         return linear_cross_entropy(hidden, self.lm_head.weight, targets) / targets.numel()
 
-    def hf_name(self, local: str) -> str:
-        return local
 
 
 class NormGPTPipeline(PipelineModule):
@@ -110,7 +117,7 @@ class NormGPTPipeline(PipelineModule):
                  document_mask: bool, partition_method: str, activation_checkpoint_interval: int) -> None:
         config = model.config
         parts: list[nn.Module] = [EmbeddingPart(model.model.embed_tokens)]
-        parts += [BlockPart(block, i, config, document_mask) for i, block in enumerate(model.model.layers)]
+        parts += [BlockPart(block, config, document_mask) for block in model.model.layers]
         parts.append(HeadPart(model.lm_head, config.norm_eps))
         self._device = device
         # The non-reentrant checkpoint: the embedding's input needs no gradient, and a reentrant
@@ -133,8 +140,8 @@ class NormGPTPipeline(PipelineModule):
     def hf_name(self, name: str) -> str:
         """The Hugging Face name of this stage's parameter ``name`` (``"3.block.attn.q_proj.weight"``
         → ``"model.layers.2.attn.q_proj.weight"``)."""
-        index, local = name.split(".", 1)
-        return self._modules[index].hf_name(local)
+        part, local = name.split(".", 1)
+        return hf_name(int(part), local, self.config.n_layer)
 
     def hf_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This stage's parameters under their Hugging Face names."""
@@ -173,7 +180,26 @@ def build_pipeline(model_config: NormGPTConfig, *, pp_size: int, world_size: int
     return pipeline
 
 
-def stage_summary(pipeline: NormGPTPipeline) -> dict[str, Any]:
-    """This stage's id, its parts' index range and parameter count (for the startup log)."""
-    return {"stage": pipeline.stage_id, "parts": (pipeline._local_start, pipeline._local_stop),
-            "parameters": sum(p.numel() for p in pipeline.parameters())}
+def is_pipeline_checkpoint(ds_dir: Path) -> bool:
+    """Whether a DeepSpeed checkpoint folder was written by a pipeline engine (per-part files)."""
+    return any(ds_dir.glob(LAYER_FILES))
+
+
+def merge_stage_files(ds_dir: Path, n_layer: int) -> dict[str, torch.Tensor]:
+    """The whole model's weights from a pipeline checkpoint's per-part files, under Hugging Face
+    names, as the stages held them (the model's dtype: with a bf16 model, bf16).
+
+    Raises:
+        ValueError: a part's file is missing (naming it) or a part was saved twice.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for part in range(n_layer + 2):
+        files = sorted(ds_dir.glob(f"layer_{part:02d}-*model_states.pt"))
+        if len(files) != 1:
+            found = ", ".join(f.name for f in files) or "none"
+            raise ValueError(f"{ds_dir}: pipeline part {part} of {n_layer + 2} needs one layer_{part:02d}-*model_states.pt "
+                             f"file, found {found}")
+        # DeepSpeed's own files: plain tensors, written by torch.save.
+        for local, tensor in torch.load(files[0], map_location="cpu", weights_only=True).items():
+            state[hf_name(part, local, n_layer)] = tensor
+    return state
