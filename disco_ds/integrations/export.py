@@ -10,7 +10,8 @@ A checkpoint written by the trainer is a directory::
       trainer_state.json, config.yaml, COMPLETE
 
 The export rebuilds the full fp32 weights on CPU (ZeRO 1–3 through DeepSpeed's ``zero_to_fp32``,
-stage 0 from the module state), loads them strictly into a model built from ``model/config.json``,
+stage 0 from the module state, pipeline stages merged from the checkpoint's portable file or from
+DeepSpeed's per-part files), loads them strictly into a model built from ``model/config.json``,
 casts to the requested dtype and writes, with ``save_pretrained``, a folder that loads anywhere with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)``: ``config.json`` with
 ``auto_map``, the two model source files, safetensors weights, ``generation_config.json``, the
@@ -35,6 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 COMPLETE_MARKER = "COMPLETE"
 DEFAULT_TAG = "ds"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
+PORTABLE_FILE = "portable.pt"  # the trainer's checkpoint.PORTABLE (the trainer imports this module, not the reverse)
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -146,6 +148,10 @@ def load_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     checkpoint = Path(checkpoint)
     ds_dir, tag = _deepspeed_dir(checkpoint)
     from disco_ds.distributed.tensor_parallel import merge_tp_shards, tp_checkpoint_ranks
+    from disco_ds.integrations.pipeline import is_pipeline_checkpoint
+
+    if is_pipeline_checkpoint(ds_dir):
+        return _merge_pipeline_stages(checkpoint, ds_dir)
 
     tp_ranks = tp_checkpoint_ranks(ds_dir)
     if tp_ranks > 1:
@@ -185,6 +191,30 @@ def load_fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in module.values()):
         warnings.warn(f"{model_file}: stage-0 module weights are not fp32; exporting them as they are", stacklevel=2)
     return clean_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module.items()})
+
+
+def _merge_pipeline_stages(checkpoint: Path, ds_dir: Path) -> dict[str, torch.Tensor]:
+    """A pipeline run's whole model: the fp32 masters of every stage from the checkpoint's portable
+    file (written from all stages, under Hugging Face names), or without one the stages' per-part
+    weight files merged (the model's dtype; with a bf16 model a warning says so)."""
+    from disco_ds.integrations.pipeline import merge_stage_files
+    from disco_ds.integrations.reshard import PORTABLE_FORMAT
+
+    portable = checkpoint / PORTABLE_FILE
+    if portable.is_file():
+        record = torch.load(portable, map_location="cpu", weights_only=True)
+        if record.get("format") != PORTABLE_FORMAT:
+            raise ExportError(f"{portable} is not a portable Scion checkpoint (format {PORTABLE_FORMAT!r})")
+        return dict(record["params"])
+    config = json.loads((checkpoint / "model" / "config.json").read_text())
+    try:
+        state = merge_stage_files(ds_dir, int(config["n_layer"]))
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in state.values()):
+        warnings.warn(f"{ds_dir}: the pipeline stages' weights are not fp32 and the checkpoint has no {PORTABLE_FILE} "
+                      "with fp32 masters; exporting the stages' weights as they are", stacklevel=3)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------- building the model

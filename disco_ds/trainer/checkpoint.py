@@ -46,14 +46,15 @@ import torch.distributed as dist
 import yaml
 
 from disco_ds.distributed import FAULT_ENV, injected_fault
+from disco_ds.integrations.export import COMPLETE_MARKER, DEFAULT_TAG, PORTABLE_FILE
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir", "complete_checkpoints",
            "verify_checkpoint", "select_checkpoint", "read_manifest", "CheckpointError", "CheckpointReport",
            "COMPLETE", "PORTABLE", "MANIFEST_FORMAT"]
 
-COMPLETE = "COMPLETE"
-PORTABLE = "portable.pt"
-TAG = "ds"
+COMPLETE = COMPLETE_MARKER
+PORTABLE = PORTABLE_FILE
+TAG = DEFAULT_TAG
 MANIFEST_FORMAT = "disco_ds.trainer.checkpoint/2"
 """``format`` of the JSON manifest in ``COMPLETE``. Checkpoints saved before manifests existed hold
 only their step number there: they load, unverified."""
