@@ -118,17 +118,8 @@ def _skips_gradient_norm(config: dict[str, Any]) -> bool:
 
 
 def engine_config(cfg: RunConfig, plan: Plan, model_config: NormGPTConfig) -> dict[str, Any]:
-    """:func:`deepspeed_config` plus what tensor or pipeline parallelism adds: the config the
-    trainer's engine gets.
-
-    Raises:
-        ValueError: ``train.pp_size`` exceeds the model's pipeline parts (embedding, blocks, head).
-    """
+    """:func:`deepspeed_config` plus what tensor parallelism adds: the config the trainer's engine gets."""
     config = deepspeed_config(cfg, plan)
-    parts = model_config.n_layer + 2
-    if cfg.train.pp_size > parts:
-        raise ValueError(f"train.pp_size={cfg.train.pp_size} exceeds the model's {parts} pipeline parts "
-                         f"(embedding, {model_config.n_layer} blocks, head); accepted: 1 to {parts}")
     if cfg.train.tp_size > 1:
         config["tensor_parallel"] = autotp_config(model_config, cfg.train.tp_size)
         # DeepSpeed 0.19.8 checks train_batch_size against micro × accumulation × *all* ranks before

@@ -294,6 +294,10 @@ def _validate(cfg: RunConfig, world: int) -> tuple[DataCheck, NormGPTConfig, Pla
         model_config = build_model_config(cfg, data.meta)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    parts = model_config.n_layer + 2
+    if cfg.train.pp_size > parts:
+        raise ConfigError(f"train.pp_size={cfg.train.pp_size} exceeds the model's {parts} pipeline parts "
+                          f"(embedding, {model_config.n_layer} blocks, head); accepted: 1 to {parts}")
     check_vocabulary(data, model_config.vocab_size)
     check_windows(cfg, data, dp_world)
     check_sampling(cfg)
