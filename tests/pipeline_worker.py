@@ -93,7 +93,8 @@ def main() -> None:
     save_portable(engine, optimizer, out / "portable.pt")
     record = {"losses": stacked.tolist(), "orthogonalized": dict(optimizer.stats.per_member),
               "norms": [NormMonitor.read(step_norms) for step_norms in norms],
-              "stage": engine.stage_id if cfg.train.pp_size > 1 else 0, "wrapper": type(engine.optimizer).__name__}
+              "stage": engine.stage_id if cfg.train.pp_size > 1 else 0, "wrapper": type(engine.optimizer).__name__,
+              "parameters": sum(p.numel() for p in engine.module.parameters())}
     (out / f"rank_{dist.get_rank()}.json").write_text(json.dumps(record))
     shutdown_and_exit(0)
 

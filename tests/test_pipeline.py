@@ -24,6 +24,7 @@ from test_train import REPO, data_dir, launcher, losses, run, val_loss  # noqa: 
 import pipeline_worker
 from disco_ds.trainer.build import _build_optimizer, build_model, build_model_config
 from disco_ds.trainer.config import ConfigError, load_config
+from disco_ds.trainer.memory import largest_stage
 from disco_ds.trainer.scaling import plan_run
 
 WORKER = Path(__file__).with_name("pipeline_worker.py")
@@ -49,6 +50,13 @@ def test_what_the_pipeline_engine_cannot_run_is_refused_naming_the_keys(extra: l
     assert message.startswith(key) and "train.pp_size=2" in message or "by_luck" in message
     if key != "pipeline.partition_method":
         assert "Supported:" in message and "train.zero_stage 0 or 1" in message
+
+
+def test_disco_ds_plan_refuses_a_pipeline() -> None:
+    from disco_ds.trainer.cluster_plan import Cluster, plan_cluster
+
+    with pytest.raises(ConfigError, match=r"^train.pp_size=2: disco_ds plan models data and tensor parallelism"):
+        plan_cluster(REPO / "recipes/tiny.yaml", Cluster(world_size=4), overrides=["train.pp_size=2", "train.zero_stage=1"])
 
 
 def test_pipeline_keys_without_a_pipeline_are_refused() -> None:
@@ -127,6 +135,11 @@ def test_pp2_dp2_equals_dp2_and_single_process_scion(tmp_path: Path) -> None:
     oracle_curve, oracle_params = _single_process_scion()
 
     assert all(r["wrapper"] == "DeepSpeedZeroOptimizer" for r in piped["ranks"])
+    # `disco_ds recipe`'s memory estimate cuts the stages as DeepSpeed did.
+    cfg = load_config(REPO / "recipes/tiny.yaml", pipeline_worker.overrides({"pp_size": 2, "zero_stage": 1, "global_sequences": 8}))
+    model_config = build_model_config(cfg, {"vocab_size": pipeline_worker.VOCAB})
+    assert largest_stage(cfg, model_config) == (max(r["parameters"] for r in piped["ranks"]), 1)
+    assert sum(r["parameters"] for r in piped["ranks"][::2]) == model_config.parameter_counts()["total"]
     assert [r["stage"] for r in piped["ranks"]] == [0, 0, 1, 1]  # the data axis is the fastest
     _assert_relative(piped["ranks"][0]["losses"], flat["ranks"][0]["losses"], 1e-4)
     _assert_relative(piped["ranks"][0]["losses"], oracle_curve, 1e-4)

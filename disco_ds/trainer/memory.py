@@ -1,6 +1,7 @@
 """Will it fit: parameter counts and the memory one GPU needs for a recipe (``disco_ds recipe``).
 
-Per rank, with Ψ = parameters / ``train.tp_size`` and ``dp`` data-parallel replicas:
+Per rank, with Ψ = parameters / ``train.tp_size`` (under a pipeline: the parameters of its largest
+stage, :func:`largest_stage`) and ``dp`` data-parallel replicas:
 
 * weights: Ψ in the model's dtype (bf16: 2 bytes, fp32: 4); ZeRO-3 keeps Ψ/dp of them.
 * fp32 master weights: DeepSpeed's ZeRO optimizers (stages 1–3) keep an fp32 partition Ψ/dp
@@ -37,7 +38,7 @@ import torch
 from disco_ds.trainer.config import ConfigError, RunConfig
 from disco_ds.trainer.scaling import Plan
 
-__all__ = ["MemoryEstimate", "estimate_memory", "activation_bytes", "recipe_model", "format_memory", "gib"]
+__all__ = ["MemoryEstimate", "estimate_memory", "largest_stage", "activation_bytes", "recipe_model", "format_memory", "gib"]
 
 _GIB = 2**30
 _DEFAULT_REDUCE_BUCKET = 500_000_000  # DeepSpeed 0.19's zero_optimization.reduce_bucket_size default
@@ -122,10 +123,36 @@ def _bucket_elements(ds_config: dict[str, Any]) -> tuple[int, int]:
     return size, 2 if zero.get("overlap_comm", False) else 1
 
 
+def largest_stage(cfg: RunConfig, model_config: Any) -> tuple[int, int]:
+    """``(parameters, blocks)`` of the pipeline stage holding the most parameters, cut as
+    DeepSpeed's ``PipelineModule`` cuts the parts (embedding, blocks, head) by
+    ``pipeline.partition_method``; the whole model when ``train.pp_size`` is 1."""
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+    counts, layers, stages = model_config.parameter_counts(), model_config.n_layer, cfg.train.pp_size
+    if stages == 1:
+        return counts["total"], layers
+    block = (counts["total"] - counts["embedding"] - counts["head"]) // layers
+    sizes = [counts["embedding"], *[block] * layers, counts["head"]]
+    method = cfg.pipeline.partition_method
+    if method == "uniform":
+        bounds = partition_uniform(num_items=len(sizes), num_parts=stages)
+    else:
+        weights = sizes if method == "parameters" else [0, *[1] * layers, 0]
+        bounds = partition_balanced(weights=weights, num_parts=stages)
+    cuts = [(sum(sizes[a:b]), sum(1 for i in range(a, b) if 0 < i <= layers)) for a, b in zip(bounds, bounds[1:])]
+    return max(cuts)
+
+
 def estimate_memory(cfg: RunConfig, plan: Plan, model_config: Any, ds_config: dict[str, Any]) -> MemoryEstimate:
-    """The per-rank memory of the run ``plan`` describes (``ds_config``: the engine's config)."""
+    """The per-rank memory of the run ``plan`` describes (``ds_config``: the engine's config).
+
+    Under a pipeline, of the stage with the most parameters: its share of the weights, and the
+    activations of its blocks for each micro-batch the 1F1B schedule keeps in flight there (up to
+    ``pp_size``)."""
     counts = model_config.parameter_counts()
-    shard_params = counts["total"] / cfg.train.tp_size
+    stage_params, stage_blocks = largest_stage(cfg, model_config)
+    shard_params = stage_params / cfg.train.tp_size
     t = cfg.train
     stage, dp = t.zero_stage, plan.world_size
     model_bytes = 2 if t.bf16 else 4
@@ -144,6 +171,9 @@ def estimate_memory(cfg: RunConfig, plan: Plan, model_config: Any, ds_config: di
         buffers = float(size * count * grad_bytes)
     full, checkpointed = activation_bytes(model_config, t.micro_batch, cfg.data.seq_len,
                                           torch.bfloat16 if t.bf16 else torch.float32)
+    if t.pp_size > 1:
+        in_flight = min(t.pp_size, plan.accumulation) * stage_blocks / model_config.n_layer
+        full, checkpointed = full * in_flight, checkpointed * in_flight
     return MemoryEstimate(counts, weights, master, gradients, optimizer_state, buffers, full, checkpointed)
 
 
@@ -199,18 +229,20 @@ def format_memory(cfg: RunConfig, plan: Plan, world: int) -> str:
         raise ConfigError(str(err) if str(err).startswith("train.deepspeed") else f"train.deepspeed: {err}") from None
     m = estimate_memory(cfg, plan, model_config, ds_config)
     c = m.parameters
-    ckpt = cfg.model.gradient_checkpointing
+    ckpt = cfg.model.gradient_checkpointing or cfg.pipeline.activation_checkpoint_interval > 0
+    ckpt_key = "pipeline.activation_checkpoint_interval" if cfg.train.pp_size > 1 else "model.gradient_checkpointing"
     return "\n".join([
         f"model       {c['total']:,} parameters ({c['non_embedding']:,} non-embedding, {c['embedding']:,} embedding, "
         f"{c['head']:,} head)",
         f"memory      per GPU, ZeRO-{cfg.train.zero_stage} over {plan.world_size} replicas"
         + (f", tensor parallel {cfg.train.tp_size}" if cfg.train.tp_size > 1 else "")
+        + (f", the largest of {cfg.train.pp_size} pipeline stages" if cfg.train.pp_size > 1 else "")
         + f", {'bf16' if cfg.train.bf16 else 'fp32'} model, {cfg.train.grad_dtype} gradients:",
         f"            weights {gib(m.weights)} + fp32 masters {gib(m.master_weights)} + gradients {gib(m.gradients)} + "
         f"{cfg.optimizer.name} state {gib(m.optimizer_state)} + DeepSpeed buckets {gib(m.buffers)} = {gib(m.static)}",
         f"            activations at micro_batch {cfg.train.micro_batch} × {cfg.data.seq_len}: {gib(m.activations)} "
         f"(with activation checkpointing {gib(m.activations_checkpointed)})",
         f"            peak ≈ {gib(m.total(ckpt))} {'with' if ckpt else 'without'} activation checkpointing, "
-        f"{gib(m.total(not ckpt))} {'without' if ckpt else 'with'} (model.gradient_checkpointing); "
+        f"{gib(m.total(not ckpt))} {'without' if ckpt else 'with'} ({ckpt_key}); "
         "plus the CUDA context, ~1 GiB",
     ])
