@@ -2,8 +2,10 @@
 
 ``python -m disco_ds train RECIPE [key=value ...]`` runs :func:`train` in one process; under the
 launcher (``deepspeed --num_gpus N --module disco_ds train RECIPE``) every rank runs it. One
-optimizer step is ``accumulation`` micro-batches per rank; the learning rate of every group
-follows the WSD schedule times its role's peak; the SPEC 4 norms come from inside Scion's step.
+optimizer step is ``accumulation`` micro-batches per data-parallel rank (with ``train.pp_size > 1``
+through DeepSpeed's pipeline schedule, :mod:`disco_ds.integrations.pipeline`); the learning rate of
+every group follows the WSD schedule times its role's peak; the SPEC 4 norms come from inside
+Scion's step (under a pipeline, each stage's, combined at the log points).
 """
 
 from __future__ import annotations
