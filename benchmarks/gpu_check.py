@@ -135,13 +135,14 @@ OFFLOAD_OVERLAY: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Case:
-    """One acceptance case: a recipe on ``gpus`` ranks at one ZeRO stage (and TP size)."""
+    """One acceptance case: a recipe on ``gpus`` ranks at one ZeRO stage (and TP or pipeline size)."""
 
     name: str
     recipe: str
     gpus: int
     zero: int
     tp: int = 1
+    pp: int = 1
     optimizer: str = "scion"
     offload: bool = False
     measure: bool = False
@@ -175,11 +176,13 @@ CASES: tuple[Case, ...] = (
     Case("tiny-2r-z3", "tiny", 2, 3, quick=True),
     Case("tiny-2r-z2-offload", "tiny", 2, 2, offload=True),
     Case("tiny-tp2", "tiny", 2, 2, tp=2, quick=True),
+    Case("tiny-pp2", "tiny", 2, 1, pp=2, quick=True),
     Case("124m-2r-z0", "gpt-124m", 2, 0, overrides=BF16_GRADS),
     Case("124m-2r-z1", "gpt-124m", 2, 1),
     Case("124m-2r-z2", "gpt-124m", 2, 2),
     Case("124m-2r-z3", "gpt-124m", 2, 3),
     Case("124m-tp2", "gpt-124m", 2, 1, tp=2),
+    Case("124m-pp2", "gpt-124m", 2, 1, pp=2),
 )
 
 DATA_TIMEOUT_S = 300
@@ -252,7 +255,7 @@ def train_command(case: Case, ctx: Context, *, resume: bool) -> list[str]:
     port = ctx.base_port + 2 * CASES.index(case) + int(resume)
     overrides = [
         f"data.path={_arg(ctx.data_dir)}", f"train.run_dir={_arg(ctx.run_dir(case))}",
-        f"train.zero_stage={case.zero}", f"train.tp_size={case.tp}", f"optimizer.name={case.optimizer}",
+        f"train.zero_stage={case.zero}", f"train.tp_size={case.tp}", f"train.pp_size={case.pp}", f"optimizer.name={case.optimizer}",
         f"logging.peak_tflops={ctx.peak_tflops:g}", *COMMON_OVERRIDES, *recipe.overrides, *case.overrides,
     ]
     if case.offload:
@@ -558,7 +561,7 @@ def verify_export(hf_dir: Path, run_dir: Path, device: str) -> dict[str, Any]:
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint")
     world = int(json.loads((checkpoint / "trainer_state.json").read_text())["world_size"])
-    data_parallel = world // int(cfg["train"]["tp_size"])
+    data_parallel = world // int(cfg["train"]["tp_size"]) // int(cfg["train"].get("pp_size", 1))
     dtype = torch.bfloat16 if cfg["train"]["bf16"] else torch.float32
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=dtype).to(device).eval()
     files = list_shards(str(Path(cfg["data"]["path"]) / "val_*.bin"))
@@ -759,7 +762,7 @@ def print_plan(cases: list[Case], ctx: Context, jobs: int, reason: str) -> None:
     if any(c.offload for c in cases):
         print(f"\n[offload overlay] {_arg(ctx.offload_overlay)} = {json.dumps(OFFLOAD_OVERLAY)}")
     for case in cases:
-        flags = [f"{case.gpus} GPU(s)", f"ZeRO {case.zero}", f"TP {case.tp}", case.optimizer]
+        flags = [f"{case.gpus} GPU(s)", f"ZeRO {case.zero}", f"TP {case.tp}", f"PP {case.pp}", case.optimizer]
         if case.offload:
             flags.append("optimizer offload")
         if case.measure:

@@ -44,6 +44,7 @@ def test_dry_mode_prints_every_case_and_exits_0() -> None:
             assert f"--num_gpus {case.gpus} " in lines[phase]
             assert "--module disco_ds train recipes/" in lines[phase]
             assert f"train.zero_stage={case.zero} " in lines[phase] and f"train.tp_size={case.tp} " in lines[phase]
+            assert f"train.pp_size={case.pp} " in lines[phase]
             assert f"optimizer.name={case.optimizer} " in lines[phase]
             assert ("train.deepspeed=" in lines[phase]) == case.offload
         assert lines["train"].endswith(f"train.max_steps={gpu_check.STEPS} checkpoint.resume=none")
