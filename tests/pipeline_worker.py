@@ -8,8 +8,9 @@ batches (:func:`global_batches`: the same tokens whatever the layout; data-paral
 takes micro-batches ``r·accumulation … (r+1)·accumulation − 1`` of each step), then writes:
 
 * ``OUT_DIR/rank_<r>.json``: the step losses as the rank saw them, its per-matrix
-  orthogonalisation counters (Hugging Face names) and, on rank 0, the monitored norms of every
-  step combined over the stages (:func:`disco_ds.trainer.loop.combine_stage_norms`);
+  orthogonalisation counters (Hugging Face names), the monitored norms of every step combined over
+  the stages (:func:`disco_ds.trainer.loop.combine_stage_norms`) and, with ``"count_syncs"``, the
+  host–device syncs of the last pipeline step;
 * ``OUT_DIR/portable.pt``: the whole model's fp32 weights and Scion momentum
   (:func:`disco_ds.integrations.reshard.save_portable`, under Hugging Face names at any pp_size).
 """
@@ -72,8 +73,15 @@ def main() -> None:
 
     losses, norms = [], []
     optimizer.track_norms = True
-    for batch in global_batches(spec["steps"], spec["global_sequences"]):
-        if cfg.train.pp_size > 1:
+    syncs = None
+    for step, batch in enumerate(global_batches(spec["steps"], spec["global_sequences"])):
+        if cfg.train.pp_size > 1 and step == spec["steps"] - 1 and spec.get("count_syncs"):
+            # Host–device syncs of one pipeline step (every .item(), float(t), .tolist() runs
+            # aten::_local_scalar_dense, on every device).
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                losses.append(engine.train_batch(_pipeline_batches(micro_batches(batch), None)))
+            syncs = sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+        elif cfg.train.pp_size > 1:
             losses.append(engine.train_batch(_pipeline_batches(micro_batches(batch), None)))
         else:
             total = torch.zeros((), device=device)
@@ -94,7 +102,7 @@ def main() -> None:
     record = {"losses": stacked.tolist(), "orthogonalized": dict(optimizer.stats.per_member),
               "norms": [NormMonitor.read(step_norms) for step_norms in norms],
               "stage": engine.stage_id if cfg.train.pp_size > 1 else 0, "wrapper": type(engine.optimizer).__name__,
-              "parameters": sum(p.numel() for p in engine.module.parameters())}
+              "parameters": sum(p.numel() for p in engine.module.parameters()), "syncs": syncs}
     (out / f"rank_{dist.get_rank()}.json").write_text(json.dumps(record))
     shutdown_and_exit(0)
 
