@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_norm_gpt.py
 	$(PY) benchmarks/bench_zero_step.py --quick
 	$(PY) benchmarks/bench_tp.py
+	$(PY) benchmarks/bench_pipeline_step.py
 
 # Refresh constraints.txt from a fresh resolve of pyproject.toml (newest releases), after which
 # `make test` must pass before the new pins are committed.
