@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from launching import free_port, torchrun
-from test_train import REPO, data_dir, launcher, losses, run, val_loss  # noqa: F401 -- data_dir is a fixture
+from test_train import ENV, REPO, data_dir, launcher, losses, run, val_loss  # noqa: F401 -- data_dir is a fixture
 
 import pipeline_worker
 from disco_ds.trainer.build import _build_optimizer, build_model, build_model_config
@@ -191,13 +191,17 @@ def test_pp2_at_zero0_and_with_the_bf16_optimizer(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- the trainer's runs
 
 
-def _train(data: Path, run_dir: Path, pp_size: int, **extra: object) -> subprocess.CompletedProcess:
+def _train_args(data: Path, run_dir: Path, pp_size: int, **extra: object) -> list[str]:
     args = {"data.path": data, "data.seq_len": 64, "data.document_mask": True, "train.run_dir": run_dir,
             "train.zero_stage": 1, "train.pp_size": pp_size, "train.micro_batch": 4, "train.tokens": 2e5,
             "train.global_batch_tokens": 2 * 4 * 64, "train.max_steps": 4, "optimizer.lr": 0.1, "schedule.warmup": 0.0,
             "checkpoint.interval": 1, "checkpoint.keep": 10, "eval.interval": 0, "eval.tokens": 4096, "logging.interval": 1,
             **extra}
-    args_list = [f"{k}={v}" for k, v in args.items()]
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def _train(data: Path, run_dir: Path, pp_size: int, **extra: object) -> subprocess.CompletedProcess:
+    args_list = _train_args(data, run_dir, pp_size, **extra)
     if pp_size == 1:
         cmd = [sys.executable, "-m", "disco_ds", "train", str(REPO / "recipes/tiny.yaml"), *args_list]
     else:
@@ -217,17 +221,24 @@ def _portable(run_dir: Path, step: int) -> dict:
     return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "portable.pt", weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def pipeline_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:  # noqa: F811
+    """The trainer at pp_size 2 on one node (2 ranks), and its console."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "pp2"
+    return run_dir, _train(data_dir, run_dir, 2).stdout
+
+
 def test_pipeline_runs_resume_bit_identically_move_between_pp_sizes_and_export(data_dir: Path,  # noqa: F811
+                                                                                pipeline_run: tuple[Path, str],
                                                                                 tmp_path: Path) -> None:
     """The trainer at pp_size 2 (one replica of two stages, documents masked): a resume from its
     step-2 checkpoint repeats steps 3–4 bit for bit; the same checkpoint continues at pp_size 1
     (through its portable file) and a pp_size-1 checkpoint continues at pp_size 2, with the same
     losses; the export merges the stages, loads in plain transformers and reproduces the logged
     validation loss and the one-stage run's logits."""
-    first = tmp_path / "pp2"
-    proc = _train(data_dir, first, 2)
-    assert sum(line.startswith("step 4/4 |") for line in proc.stdout.splitlines()) == 1  # reported once
-    assert "parallel    2 ranks = 1 data-parallel replicas × 2 pipeline stages" in proc.stdout
+    first, console = pipeline_run
+    assert sum(line.startswith("step 4/4 |") for line in console.splitlines()) == 1  # reported once
+    assert "parallel    2 ranks = 1 data-parallel replicas × 2 pipeline stages" in console
     curve = losses(first)
 
     again = tmp_path / "pp2_resumed"
@@ -272,3 +283,21 @@ def test_pipeline_runs_resume_bit_identically_move_between_pp_sizes_and_export(d
             total += loss.item()
             count += targets.numel()
     assert math.isclose(total / count, val_loss(first), rel_tol=1e-5)
+
+
+def test_one_stage_per_node_matches_one_node(data_dir: Path, pipeline_run: tuple[Path, str],  # noqa: F811
+                                             tmp_path: Path) -> None:
+    """The README's multi-node launch: two simulated nodes (loopback, ``--no_ssh --node_rank``),
+    one stage each, give exactly the losses of both stages on one node."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    run_dir, port = tmp_path / "two_nodes", free_port()
+    procs = [subprocess.Popen(launcher(_train_args(data_dir, run_dir, 2), port,
+                                       ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                                        "--master_addr", "127.0.0.1"]),
+                              env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "node_rank=1" in outputs[1]
+    assert losses(run_dir) == losses(pipeline_run[0])
