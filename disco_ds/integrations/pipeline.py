@@ -9,9 +9,9 @@ gradient flows back for them); every block reads the documents of a packed windo
 position ids, as :class:`~disco_ds.models.norm_gpt.NormGPTModel` does.
 
 Each part wraps the very module of a :class:`~disco_ds.models.norm_gpt.NormGPTForCausalLM` built on
-the meta device, so a stage allocates only its own parts, and the initialisation walks the whole
-model in the order ``pp_size: 1`` does, drawing (and dropping) the other stages' weights: every
-stage starts with the weights a one-stage run would have, bit for bit.
+the meta device, so a stage allocates only its own parts; the trainer's initialisation then walks
+the whole model in the order ``pp_size: 1`` does, drawing (and dropping) the other stages' weights,
+so every stage starts with the weights a one-stage run would have, bit for bit.
 
 Parameter names follow DeepSpeed (``"<layer index>.<name inside the part>"``);
 :meth:`NormGPTPipeline.hf_name` maps them to the Hugging Face names that exports and portable
@@ -49,6 +49,7 @@ def hf_name(part: int, local: str, n_layer: int) -> str:
         return f"model.layers.{part - 1}." + local.removeprefix("block.")
     return local
 
+
 Activations = tuple[torch.Tensor, torch.Tensor]
 """What one part hands the next: hidden states [B, T, d] and position ids [B, T]."""
 
@@ -63,7 +64,6 @@ class EmbeddingPart(nn.Module):
     def forward(self, inputs: Activations) -> Activations:
         input_ids, position_ids = inputs
         return self.embed_tokens(input_ids), position_ids
-
 
 
 class BlockPart(nn.Module):
@@ -83,7 +83,6 @@ class BlockPart(nn.Module):
         return self.block(x, cos=cos, sin=sin, mask=mask)[0], position_ids
 
 
-
 class HeadPart(nn.Module):
     """The last part: the final norm, and the output layer whose weight the loss reads (the logits
     are made inside the loss, a chunk at a time). Returns the final hidden states."""
@@ -98,7 +97,6 @@ class HeadPart(nn.Module):
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss (``targets`` are the next tokens: nothing is shifted or ignored)."""
         return linear_cross_entropy(hidden, self.lm_head.weight, targets) / targets.numel()
-
 
 
 class NormGPTPipeline(PipelineModule):
@@ -148,36 +146,17 @@ class NormGPTPipeline(PipelineModule):
         return [(self.hf_name(n), p) for n, p in self.named_parameters()]
 
 
-def _initialise_all(model: NormGPTForCausalLM, seed: int, device: torch.device) -> None:
-    """The weights ``pp_size: 1`` would start from, on this stage's parts: the whole model's init in
-    module order from generators reseeded with ``seed``; another stage's weight is allocated, drawn
-    and dropped (one weight at a time), so the generators advance exactly as in a one-stage run."""
-    torch.manual_seed(seed)
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter):
-            continue
-        if weight.is_meta:
-            module.to_empty(device=device)
-            model._init_weights(module)
-            module.to(device="meta")
-        else:
-            model._init_weights(module)
-
-
-def build_pipeline(model_config: NormGPTConfig, *, pp_size: int, world_size: int, device: torch.device, seed: int,
-                   document_mask: bool, partition_method: str, activation_checkpoint_interval: int) -> NormGPTPipeline:
-    """The pipeline module a ``train.pp_size > 1`` run trains: ``pp_size`` stages, each replicated
-    over ``world_size / pp_size`` data-parallel ranks (the data axis is the fastest: ranks
-    ``s·dp … s·dp + dp − 1`` hold stage ``s``, so a node of ``dp`` ranks holds one stage and only the
-    activations cross nodes). Collective: every rank of the job calls it."""
-    with torch.device("meta"):
-        model = NormGPTForCausalLM(model_config)
+def build_pipeline(model: NormGPTForCausalLM, *, pp_size: int, world_size: int, device: torch.device, document_mask: bool,
+                   partition_method: str, activation_checkpoint_interval: int) -> NormGPTPipeline:
+    """The pipeline module a ``train.pp_size > 1`` run trains, from ``model`` built on the meta
+    device: ``pp_size`` stages, each replicated over ``world_size / pp_size`` data-parallel ranks
+    (the data axis is the fastest: ranks ``s·dp … s·dp + dp − 1`` hold stage ``s``, so a node of
+    ``dp`` ranks holds one stage and only the activations cross nodes). This rank's parts are
+    allocated on ``device``, uninitialised: the caller initialises the whole ``model`` in module
+    order (another stage's weights are still on the meta device). Collective: every rank calls it."""
     topology = PipeDataParallelTopology(num_pp=pp_size, num_dp=world_size // pp_size)
-    pipeline = NormGPTPipeline(model, topology, device, document_mask=document_mask, partition_method=partition_method,
-                               activation_checkpoint_interval=activation_checkpoint_interval)
-    _initialise_all(model, seed, device)
-    return pipeline
+    return NormGPTPipeline(model, topology, device, document_mask=document_mask, partition_method=partition_method,
+                           activation_checkpoint_interval=activation_checkpoint_interval)
 
 
 def is_pipeline_checkpoint(ds_dir: Path) -> bool:

@@ -180,15 +180,21 @@ def communication_device() -> torch.device:
     return torch.device(accelerator.device_name(local_rank))
 
 
-def _initialise_weights(model: NormGPTForCausalLM, seed: int) -> None:
+def _initialise_weights(model: NormGPTForCausalLM, seed: int, device: torch.device) -> None:
     """NormGPT's own init (``_init_weights``: the Scion geometry), module by module, from the
     generators reseeded with ``seed``. A ZeRO-3 weight is gathered whole around its init and rank
-    0's values are partitioned back; every rank draws the same numbers, so the generators stay in
-    step across ranks."""
+    0's values are partitioned back; a weight this rank does not hold (still on the meta device:
+    another pipeline stage's) is allocated on ``device``, drawn and dropped, one at a time. Every
+    rank draws the same numbers, so the generators stay in step across ranks and stages."""
     torch.manual_seed(seed)
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.nn.Parameter):
+            continue
+        if weight.is_meta:
+            module.to_empty(device=device)
+            model._init_weights(module)
+            module.to(device="meta")
             continue
         gathered = (deepspeed.zero.GatheredParameters([weight], modifier_rank=0) if hasattr(weight, "ds_id")
                     else contextlib.nullcontext())
@@ -214,7 +220,7 @@ def build_model(cfg: RunConfig, model_config: NormGPTConfig, ds_config: dict[str
         with torch.device("meta"):
             model = NormGPTForCausalLM(model_config)
         model.to_empty(device=device)
-    _initialise_weights(model, cfg.train.seed)
+    _initialise_weights(model, cfg.train.seed, device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -230,10 +236,14 @@ def build_engine(cfg: RunConfig, model_config: NormGPTConfig, plan: Plan, ds_con
     phase_done = phase_done or (lambda _phase: None)
     model: torch.nn.Module
     if cfg.train.pp_size > 1:
-        model = build_pipeline(model_config, pp_size=cfg.train.pp_size, world_size=dist.get_world_size(), device=device,
-                               seed=cfg.train.seed, document_mask=cfg.data.document_mask,
-                               partition_method=cfg.pipeline.partition_method,
+        # The whole model on the meta device; the pipeline allocates this rank's stage of it, and
+        # the init draws every stage's weights in the one-stage order.
+        with torch.device("meta"):
+            whole = NormGPTForCausalLM(model_config)
+        model = build_pipeline(whole, pp_size=cfg.train.pp_size, world_size=dist.get_world_size(), device=device,
+                               document_mask=cfg.data.document_mask, partition_method=cfg.pipeline.partition_method,
                                activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval)
+        _initialise_weights(whole, cfg.train.seed, device)
     else:
         model = build_model(cfg, model_config, ds_config, device)
     phase_done("model built")

@@ -422,7 +422,8 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
     # Under a pipeline each stage's optimizer holds some roles: the learning rates logged are the
     # plan's (every role of the model), the norms are combined over the stages at each read.
     role_peaks = {role: plan.group_lrs[role] for role in model_roles(model_config)}
-    pending = _PendingSteps(engine.grid.get_pipe_parallel_group() if isinstance(engine, PipelineEngine) else None)
+    pipelined = isinstance(engine, PipelineEngine)
+    pending = _PendingSteps(engine.grid.get_pipe_parallel_group() if pipelined else None)
     norms_every = cfg.logging.norms_interval or cfg.logging.interval
 
     # The portable file lets a resume change the world size or ZeRO stage (Scion, no TP only).
@@ -472,7 +473,6 @@ def _train(cfg: RunConfig, started: float) -> dict[str, Any]:
     # The next micro-batch is read and on its way to the device while the current one trains; the
     # stream's position, which checkpoints save, counts only the batches trained on.
     batches = DevicePrefetcher(stream, device)
-    pipelined = isinstance(engine, PipelineEngine)
     pipeline_batches = _pipeline_batches(iter(batches.next_batch, None), eot_id) if pipelined else None
     first_step = True
     while step < plan.run_steps:
