@@ -13,6 +13,9 @@ takes micro-batches ``r·accumulation … (r+1)·accumulation − 1`` of each st
   host–device syncs of the last pipeline step;
 * ``OUT_DIR/portable.pt``: the whole model's fp32 weights and Scion momentum
   (:func:`disco_ds.integrations.reshard.save_portable`, under Hugging Face names at any pp_size).
+
+With ``"load": FILE`` it only loads that portable file into the fresh engine and writes what each
+rank raised (``OUT_DIR/rank_<r>.json``).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from disco_ds.distributed import shutdown_and_exit
-from disco_ds.integrations.reshard import save_portable
+from disco_ds.distributed import RankCheckError, shutdown_and_exit
+from disco_ds.integrations.reshard import load_portable, save_portable
 from disco_ds.optim.monitor import NormMonitor
 from disco_ds.trainer.build import build_engine, build_model_config, communication_device, engine_config
 from disco_ds.trainer.config import load_config
@@ -63,6 +66,15 @@ def main() -> None:
     model_config = build_model_config(cfg, {"vocab_size": VOCAB})
     device = communication_device()
     engine, optimizer = build_engine(cfg, model_config, plan, engine_config(cfg, plan, model_config), device)
+    if "load" in spec:
+        # Load a portable file (which may not fit) and report what every rank raised.
+        try:
+            load_portable(engine, optimizer, spec["load"])
+            raised = None
+        except RankCheckError as err:
+            raised = str(err)
+        (out / f"rank_{dist.get_rank()}.json").write_text(json.dumps({"raised": raised}))
+        shutdown_and_exit(0)
     dp_rank, _ = _data_parallel_rank_and_size(cfg, engine)
     micro, accumulation = plan.micro_batch, plan.accumulation
 

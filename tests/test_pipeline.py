@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from launching import free_port, torchrun
-from test_train import ENV, REPO, data_dir, launcher, losses, run, val_loss  # noqa: F401 -- data_dir is a fixture
+from test_train import REPO, data_dir, launcher, losses, run, two_simulated_nodes, val_loss  # noqa: F401 -- data_dir is a fixture
 
 import pipeline_worker
 from disco_ds.trainer.build import _build_optimizer, build_model, build_model_config
@@ -168,7 +168,8 @@ def test_pp2_dp2_equals_dp2_and_single_process_scion(tmp_path: Path) -> None:
 
 
 def test_pp2_at_zero0_and_with_the_bf16_optimizer(tmp_path: Path) -> None:
-    """ZeRO-0 (whole parameters, Scion agrees over the stage's replicas, not the world) is exact;
+    """ZeRO-0 (whole parameters, Scion agrees over the stage's replicas, not the world) is exact,
+    and a portable file that does not fit one stage is refused on every rank;
     a bf16 model at ZeRO-1 with fp32 gradients runs DeepSpeed's BF16_Optimizer under the pipeline,
     stays within bf16 rounding of the fp32 oracle (bf16 weights and Newton–Schulz: ~1e-3 here), and
     neither the pipeline nor Scion (monitoring every group) syncs the host with the device."""
@@ -177,6 +178,20 @@ def test_pp2_at_zero0_and_with_the_bf16_optimizer(tmp_path: Path) -> None:
     _assert_relative(zero0["ranks"][0]["losses"], oracle_curve, 1e-4)
     for name, expected in oracle_params.items():
         torch.testing.assert_close(zero0["params"][name], expected, rtol=0, atol=1e-5, msg=name)
+
+    # A portable file that does not fit one stage (the head's weight missing) is refused on every
+    # rank, naming the stage's rank, instead of leaving stage 0 waiting in the load's collectives.
+    record = torch.load(tmp_path / "zero0" / "portable.pt", weights_only=True)
+    del record["params"]["lm_head.weight"]
+    torch.save(record, tmp_path / "no_head.pt")
+    out = tmp_path / "refused"
+    out.mkdir()
+    spec = {"pp_size": 2, "zero_stage": 0, "global_sequences": SEQUENCES, "steps": 0, "load": str(tmp_path / "no_head.pt")}
+    proc = torchrun(WORKER, 2, json.dumps(spec), str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    raised = [json.loads((out / f"rank_{r}.json").read_text())["raised"] for r in range(2)]
+    assert raised[0] == raised[1] and "failed on 1 of 2 ranks (rank 1:" in raised[0]
+    assert "missing: ['lm_head.weight']" in raised[0]
 
     bf16 = _launch(tmp_path, "bf16", 2, pp_size=2, zero_stage=1, bf16=True, ns_method="quintic", comm_dtype="bfloat16",
                    count_syncs=True)
@@ -289,15 +304,6 @@ def test_one_stage_per_node_matches_one_node(data_dir: Path, pipeline_run: tuple
                                              tmp_path: Path) -> None:
     """The README's multi-node launch: two simulated nodes (loopback, ``--no_ssh --node_rank``),
     one stage each, give exactly the losses of both stages on one node."""
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    run_dir, port = tmp_path / "two_nodes", free_port()
-    procs = [subprocess.Popen(launcher(_train_args(data_dir, run_dir, 2), port,
-                                       ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-                                        "--master_addr", "127.0.0.1"]),
-                              env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for node in (0, 1)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert "node_rank=1" in outputs[1]
+    run_dir = tmp_path / "two_nodes"
+    two_simulated_nodes(_train_args(data_dir, run_dir, 2), tmp_path)
     assert losses(run_dir) == losses(pipeline_run[0])

@@ -150,19 +150,25 @@ def test_shipped_deepspeed_template_runs_in_the_trainer(data_dir: Path, runs_roo
     assert (run_dir / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
 
 
-def test_two_simulated_nodes_match_one_node(data_dir: Path, runs_root: Path, tmp_path: Path) -> None:
-    reference = losses(single_node_run(data_dir, runs_root, 2))
+def two_simulated_nodes(args: list[str], tmp_path: Path) -> None:
+    """``train`` with ``args`` on two simulated nodes of one rank each (the launcher's ``--no_ssh
+    --node_rank 0|1`` on loopback, one hostfile); asserts both nodes ran and ended cleanly."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    run_dir, port = tmp_path / "multinode", free_port()
-    procs = [subprocess.Popen(launcher(overrides(data_dir, run_dir), port,
-                                       ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-                                        "--master_addr", "127.0.0.1"]),
+    port = free_port()
+    procs = [subprocess.Popen(launcher(args, port, ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                                                    "--master_addr", "127.0.0.1"]),
                               env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for node in (0, 1)]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "node_rank=1" in outputs[1]
+
+
+def test_two_simulated_nodes_match_one_node(data_dir: Path, runs_root: Path, tmp_path: Path) -> None:
+    reference = losses(single_node_run(data_dir, runs_root, 2))
+    run_dir = tmp_path / "multinode"
+    two_simulated_nodes(overrides(data_dir, run_dir), tmp_path)
     assert losses(run_dir) == reference
 
 

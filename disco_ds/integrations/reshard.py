@@ -387,6 +387,8 @@ def load_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str], *, 
     Raises:
         ValueError: for a file that is not a portable Scion checkpoint, or whose parameter names,
             shapes or param groups do not match the model and optimizer.
+        disco_ds.distributed.RankCheckError: under a NormGPT pipeline, on every rank, when they do
+            not match on some stage (naming the ranks and why).
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -397,8 +399,19 @@ def load_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str], *, 
     saved_params: dict[str, torch.Tensor] = record["params"]
     saved_momentum: dict[str, torch.Tensor] = record[MOMENTUM_KEY]
     named = layout.named
-    _check_names_and_shapes(named, saved_params, strict, layout.pipeline)
-    group_map = _match_groups(layout, record["param_groups"])
+    error = _names_and_shapes_error(named, saved_params, strict, layout.pipeline)
+    group_map: dict[int, dict[str, Any]] = {}
+    if error is None:
+        try:
+            group_map = _match_groups(layout, record["param_groups"])
+        except ValueError as err:
+            error = str(err)
+    if layout.pipeline is not None and _collective():
+        # Each stage checks its own parameters: a stage that refused alone would leave the others
+        # waiting in the collectives below.
+        raise_if_any_failed(error, None, accelerator_device(), f"loading the portable checkpoint {path}")
+    elif error is not None:
+        raise ValueError(error)
 
     z3 = layout.wrapper if layout.mode == "zero3" else None
     if z3 is not None:
@@ -471,10 +484,11 @@ def load_portable(engine: Any, optimizer: Any, path: str | os.PathLike[str], *, 
     return {k: record[k] for k in ("global_steps", "global_samples", "saved_world_size", "saved_zero_stage")}
 
 
-def _check_names_and_shapes(named: list[tuple[str, torch.Tensor]], saved: dict[str, torch.Tensor], strict: bool,
-                            pipeline: NormGPTPipeline | None) -> None:
-    """Under a pipeline the names of every stage together must be the file's (one object
-    all-gather over the stages), and each stage finds its own there."""
+def _names_and_shapes_error(named: list[tuple[str, torch.Tensor]], saved: dict[str, torch.Tensor], strict: bool,
+                            pipeline: NormGPTPipeline | None) -> str | None:
+    """Why the file's parameters do not fit the model's (None when they do). Under a pipeline the
+    names of every stage together must be the file's (one object all-gather over the stages), and
+    each stage finds its own there."""
     names = {n for n, _ in named}
     if pipeline is not None and _collective():
         column = pipeline._grid.get_pipe_parallel_group()
@@ -485,12 +499,13 @@ def _check_names_and_shapes(named: list[tuple[str, torch.Tensor]], saved: dict[s
     else:
         missing, unexpected = sorted(names - set(saved)), sorted(set(saved) - names)
     if strict and (missing or unexpected):
-        raise ValueError(f"disco_ds.integrations.reshard: parameter names differ from the checkpoint; missing: {missing}, "
-                         f"unexpected: {unexpected} (pass strict=False to load the common ones)")
+        return (f"disco_ds.integrations.reshard: parameter names differ from the checkpoint; missing: {missing}, "
+                f"unexpected: {unexpected} (pass strict=False to load the common ones)")
     for name, p in named:
         if name in saved and tuple(saved[name].shape) != logical_shape(p):
-            raise ValueError(f"disco_ds.integrations.reshard: {name} has shape {logical_shape(p)} in the model but "
-                             f"{tuple(saved[name].shape)} in the checkpoint")
+            return (f"disco_ds.integrations.reshard: {name} has shape {logical_shape(p)} in the model but "
+                    f"{tuple(saved[name].shape)} in the checkpoint")
+    return None
 
 
 def _match_groups(layout: _Layout, saved_groups: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
