@@ -162,7 +162,8 @@ def render(results: dict, args: argparse.Namespace, cfg: dict, meta: dict) -> st
         f"{cfg['micro_batch']}×{cfg['seq']} tokens per rank; fp32; gradient_clipping 0")
     add(f"- optimizers: momentum β 0.9 (Scion m 0.1), Nesterov, 5 Newton–Schulz steps (quintic, bf16); DeepSpeed Muon "
         f"ns_method \"{cfg['ds_ns_method']}\", muon_update {'eager (--ds-eager)' if cfg['ds_eager'] else 'torch.compile-d (as shipped)'}; "
-        f"Scion / naive comm dtype {cfg['comm_dtype']}, Newton–Schulz {'torch.compile-d (--compile)' if cfg.get('compile') else 'eager'}")
+        f"Scion / naive comm dtype {cfg['comm_dtype']}, Newton–Schulz {'torch.compile-d (--compile)' if cfg.get('compile') else 'eager'}, "
+        f"{'Gram form for wide matrices' if cfg['ns_gram'] else 'direct form only (--no-gram)'}")
     add(f"- timing: median of {cfg['steps']} iterations after {cfg['warmup']} warm-up, max over ranks; bytes summed over ranks")
     add("- load average (1 min) before / after each launch: " + ", ".join(
         f"Z{s}/W{w} {r['load_before']:.2f}/{r['load_after']:.2f}" for (s, w), r in sorted(results.items())))
@@ -272,6 +273,9 @@ def main() -> None:
     p.add_argument("--ds-ns-method", default="standard", choices=("standard", "gram"),
                    help="DeepSpeed Muon's Newton–Schulz (standard = Scion's quintic; gram = DeepSpeed's default)")
     p.add_argument("--ds-eager", action="store_true", help="disable torch.compile of DeepSpeed's muon_update")
+    p.add_argument("--no-gram", action="store_true",
+                   help="Scion and naive run Newton–Schulz in the direct form only (optimizer.ns_gram: false), the same "
+                        "matmuls as DeepSpeed's \"standard\"")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile Scion's Newton–Schulz iteration too (what train.compile does)")
     p.add_argument("--quick", action="store_true", help="d 256, 3 blocks, vocab 2048, 1 warm-up + 3 iterations (2–3 minutes)")
@@ -287,6 +291,7 @@ def main() -> None:
         "vocab": args.vocab, "d_model": args.d_model, "layers": args.layers, "mult": args.mult, "seq": args.seq,
         "micro_batch": args.micro_batch, "warmup": args.warmup, "steps": args.steps, "lr": args.lr,
         "comm_dtype": args.comm_dtype, "ds_ns_method": args.ds_ns_method, "ds_eager": args.ds_eager, "compile": args.compile,
+        "ns_gram": not args.no_gram,
         "optimizers": list(KINDS), "verbose": True,
     }
     import torch  # noqa: F401 - versions for the header only

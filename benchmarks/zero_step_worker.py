@@ -295,7 +295,8 @@ class NaiveAllGatherScion(torch.optim.Optimizer):
             for r, frags in enumerate(layout.fragments):
                 for f in frags:
                     full[f.member][f.start : f.start + f.numel] = gathered[r, f.offset : f.offset + f.numel]
-            norm = make_norm(group["norm"], ns_steps=int(group["ns_steps"]), ns_method=group["ns_method"])
+            norm = make_norm(group["norm"], ns_steps=int(group["ns_steps"]), ns_method=group["ns_method"],
+                             ns_gram=group["ns_gram"])
             updates = lmo_many(norm, [t.view(s) for t, s in zip(full, layout.shapes)])
             if norm.min_ndim >= 2 and hasattr(norm, "ns_steps"):
                 self.matrices_orthogonalized += len(updates)
@@ -374,7 +375,8 @@ def build_engine(kind: str, cfg: dict, stage: int) -> dict:
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     config = ds_config(cfg, stage)
     comm_dtype = getattr(torch, cfg["comm_dtype"])
-    groups = lambda: scion_param_groups(model, lr=cfg["lr"], momentum=0.1, nesterov=True, ns_steps=5)  # noqa: E731
+    groups = lambda: scion_param_groups(model, lr=cfg["lr"], momentum=0.1, nesterov=True, ns_steps=5,  # noqa: E731
+                                        ns_gram=cfg["ns_gram"])
     if kind == "ours":
         opt = Scion(groups(), comm_dtype=comm_dtype)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)

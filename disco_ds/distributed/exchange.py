@@ -47,7 +47,7 @@ __all__ = ["matrix_cost", "assign_owners", "plan_rounds", "MatrixPlan", "RoundPl
 def matrix_cost(norm: MatrixNorm, shape: tuple[int, ...]) -> int:
     """Newton–Schulz FLOPs of one matrix: the load-balancing weight of an owner."""
     rows, cols = norm.to_matrix(torch.empty(shape, device="meta")).shape[-2:]
-    return ns_flops(rows, cols, norm.ns_steps)
+    return ns_flops(rows, cols, norm.ns_steps, norm.ns_gram)
 
 
 def assign_owners(layout: Layout, members: list[int], costs: dict[int, int]) -> dict[int, int]:
@@ -319,7 +319,7 @@ def _owner_peaks(layout: Layout, norm: MatrixNorm, rounds: list[RoundPlan], me: 
         ns_peak, out_all, out_kept = 0, 0, 0
         local_only = {f.member for f in step.kept}
         for rows, cols, batch, item, ms in _ns_batches(layout, norm, inputs):
-            ns_peak = max(ns_peak, out_all + ns_transient_bytes(rows, cols, batch))
+            ns_peak = max(ns_peak, out_all + ns_transient_bytes(rows, cols, batch, norm.ns_steps, norm.ns_gram))
             out = batch * rows * cols * item
             out_all += out
             if local_only & set(ms):  # a batch's storage lives while any of its updates is kept
@@ -407,7 +407,7 @@ def matrix_plan(layout: Layout, norm: MatrixNorm, max_numel_per_rank: int, *, co
     rounding, BLAS workspaces, and the ``"svd"`` oracle (the formula models the iterative methods).
     ``tests/test_distributed_units.py`` checks it against the profiler's peak to within 2 %.
     """
-    key = (type(norm), norm.ns_steps, max_numel_per_rank, comm_bytes, work_bytes, overlap)
+    key = (type(norm), norm.ns_steps, norm.ns_gram, max_numel_per_rank, comm_bytes, work_bytes, overlap)
     if key in layout.plans:
         return layout.plans[key]
     members = list(range(len(layout.shapes)))

@@ -11,6 +11,15 @@
   ``U Vᵀ`` much more closely at the same number of steps.
 * ``"svd"``: the exact ``U Vᵀ`` in fp32, the oracle of the test suite.
 
+Either polynomial is evaluated in one of two equivalent forms (``gram``): directly on the ``m × n``
+iterate (``X ← a·X + (b·A + c·A²)·X`` with ``A = X Xᵀ``), or, for a wide enough matrix, on its
+``m × m`` Gram matrix (Gram Newton–Schulz, Dao et al. 2026): every iterate is ``Q·X₀`` for a
+polynomial ``Q`` in ``R = X₀X₀ᵀ``, so the steps update ``Q`` and ``R`` and touch ``X`` only when the
+form restarts and at the end. In exact arithmetic the two are the same; in bf16 the Gram
+recursion ``R ← P R P`` drifts, so it restarts from ``X ← Q·X`` every
+:data:`GRAM_RESTART_EVERY` steps, which keeps its error at the direct form's level. The Gram
+form is chosen where it needs fewer FLOPs (:func:`ns_flops`): ``n > 1.5·m`` at 5 steps.
+
 Pure mathematics: no distributed code lives here.
 """
 
@@ -21,7 +30,8 @@ from typing import Literal
 
 import torch
 
-__all__ = ["orthogonalize", "orthogonalize_stack", "ns_transient_bytes", "compile_iteration", "NS_METHODS", "QUINTIC_COEFFS", "POLAR_EXPRESS_COEFFS", "ns_flops"]
+__all__ = ["orthogonalize", "orthogonalize_stack", "ns_transient_bytes", "compile_iteration", "NS_METHODS", "QUINTIC_COEFFS",
+           "POLAR_EXPRESS_COEFFS", "GRAM_RESTART_EVERY", "ns_flops", "uses_gram"]
 
 NSMethod = Literal["quintic", "polar_express", "svd"]
 NS_METHODS: tuple[str, ...] = ("quintic", "polar_express", "svd")
@@ -47,6 +57,11 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = tuple(
 
 _EPS = 1e-7
 
+GRAM_RESTART_EVERY = 2
+"""Steps between restarts of the Gram form (``X ← Q·X``, ``R ← X Xᵀ``). In bf16, every 3 steps
+already lets ``R`` drift out of the polynomial's stable range at 10 steps on a power-law
+spectrum; every 2 keeps the error within about 1.5× the direct form's at 5 steps and 10."""
+
 
 def _coefficients(method: str, steps: int) -> list[tuple[float, float, float]]:
     if method == "quintic":
@@ -67,24 +82,56 @@ def _normalize_into(out: torch.Tensor, matrices: Sequence[torch.Tensor], method:
         torch.div(G, d, out=out[i])
 
 
-def _polynomial_iteration(X: torch.Tensor, steps: int, method: str, transposed: bool = False) -> torch.Tensor:
-    """Odd polynomial iteration on a normalised bf16 wide (rows ≤ cols) batch ``[..., m, n]``;
-    with ``transposed``, the result comes out as the contiguous ``[..., n, m]`` transpose."""
-    # Fused multiply-adds: B = b·A + c·A·A and X = a·X + B·X in one kernel each.
-    fma = torch.addmm if X.ndim == 2 else torch.baddbmm
-    batch_shape = X.shape[:-2]
-    if X.ndim > 3:  # baddbmm takes one batch dimension
-        X = X.reshape(-1, *X.shape[-2:])
-    coefficients = _coefficients(method, steps)
+def _direct_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], transposed: bool) -> torch.Tensor:
+    """The direct form on a 3-D wide batch: ``X ← a·X + (b·A + c·A²)·X`` with ``A = X Xᵀ``."""
     for i, (a, b, c) in enumerate(coefficients):
-        A = X @ X.mT
-        B = fma(A, A, A, beta=b, alpha=c)
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         if transposed and i == len(coefficients) - 1:
             # B is symmetric, so (a·X + B·X)ᵀ = a·Xᵀ + Xᵀ·B: the last step writes the tall
             # matrix directly, where transposing afterwards would be one more strided copy.
-            X = fma(X.mT, X.mT, B, beta=a, alpha=1.0)
+            X = torch.baddbmm(X.mT, X.mT, B, beta=a, alpha=1.0)
         else:
-            X = fma(X, B, X, beta=a, alpha=1.0)
+            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    return X
+
+
+def _gram_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], transposed: bool) -> torch.Tensor:
+    """The Gram form on a 3-D wide batch ``[B, m, n]``: the iterate is ``Q·X`` with ``Q`` and
+    ``R = X Xᵀ`` (both ``m × m``, symmetric, polynomials in the same matrix, so they commute)
+    carried across steps; step ``(a, b, c)`` with ``Z = b·R + c·R²`` makes ``Q ← a·Q + Z·Q`` and
+    ``R ← (a + Z)·R·(a + Z)``. The identity never enters a bf16 sum with ``Z`` except in the
+    first ``Q`` after a (re)start, as fused ``beta`` terms keep it apart everywhere else."""
+    R = torch.bmm(X, X.mT)
+    Q = None
+    last = len(coefficients) - 1
+    for i, (a, b, c) in enumerate(coefficients):
+        if i > 0 and i % GRAM_RESTART_EVERY == 0:
+            X = torch.bmm(Q, X)
+            R = torch.bmm(X, X.mT)
+            Q = None
+        Z = torch.baddbmm(R, R, R, beta=b, alpha=c)
+        if Q is None:
+            Q = Z.clone()
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)
+        else:
+            Q = torch.baddbmm(Q, Z, Q, beta=a, alpha=1.0)
+        if i < last and (i + 1) % GRAM_RESTART_EVERY != 0:  # the next step uses R
+            RZ = torch.baddbmm(R, Z, R, beta=a, alpha=1.0)
+            R = torch.baddbmm(RZ, Z, RZ, beta=a, alpha=1.0)
+    # Q is symmetric: (Q·X)ᵀ = Xᵀ·Q writes the tall result directly.
+    return torch.bmm(X.mT, Q) if transposed else torch.bmm(Q, X)
+
+
+def _polynomial_iteration(X: torch.Tensor, steps: int, method: str, transposed: bool = False,
+                          gram: bool = False) -> torch.Tensor:
+    """Odd polynomial iteration on a normalised bf16 wide (rows ≤ cols) batch ``[..., m, n]``, in
+    the direct or the Gram form; with ``transposed``, the result comes out as the contiguous
+    ``[..., n, m]`` transpose."""
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])  # the fused batched kernels take one batch dimension
+    coefficients = _coefficients(method, steps)
+    X = (_gram_steps if gram else _direct_steps)(X, coefficients, transposed)
     return X.reshape(*batch_shape, *X.shape[-2:])
 
 
@@ -94,7 +141,7 @@ _iteration = _polynomial_iteration
 
 def compile_iteration(enabled: bool = True) -> None:
     """Run the polynomial iteration of every later :func:`orthogonalize` call ``torch.compile``-d
-    (one graph of its bf16 matmuls and fused multiply-adds per matrix shape and method), or, with
+    (one graph of its bf16 matmuls and fused multiply-adds per matrix shape, method and form), or, with
     ``enabled=False``, eagerly again. Process-wide: ``train.compile`` turns it on at startup."""
     global _iteration
     _iteration = torch.compile(_polynomial_iteration) if enabled else _polynomial_iteration
@@ -119,15 +166,24 @@ def _check(shape: torch.Size, steps: int, method: str) -> None:
         raise ValueError(f"orthogonalize: steps must be ≥ 1, got {steps}")
 
 
-def _iterate(X: torch.Tensor, steps: int, method: str) -> torch.Tensor:
+def uses_gram(rows: int, cols: int, steps: int) -> bool:
+    """Whether :func:`orthogonalize` with ``gram=True`` evaluates a ``rows × cols`` matrix in the
+    Gram form: where that needs fewer matmul FLOPs than the direct form."""
+    m, n = min(rows, cols), max(rows, cols)
+    return _gram_flops(m, n, steps) < _direct_flops(m, n, steps)
+
+
+def _iterate(X: torch.Tensor, steps: int, method: str, gram: bool) -> torch.Tensor:
     """The iteration on a normalised bf16 batch in the parameter's orientation: tall matrices are
     iterated transposed, so that the Gram matrix is the small one. Returns bf16, same orientation,
     contiguous."""
-    tall = X.size(-2) > X.size(-1)
-    return _iteration(X.mT, steps, method, True) if tall else _iteration(X, steps, method)
+    rows, cols = X.shape[-2:]
+    tall = rows > cols
+    gram = gram and uses_gram(rows, cols, steps)
+    return _iteration(X.mT, steps, method, True, gram) if tall else _iteration(X, steps, method, False, gram)
 
 
-def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic") -> torch.Tensor:
+def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic", *, gram: bool = True) -> torch.Tensor:
     """Approximate the orthogonal polar factor ``U Vᵀ`` of a matrix or a batch of matrices.
 
     Args:
@@ -135,6 +191,8 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic")
             same-shape matrices stacked together are orthogonalised in one batched matmul chain.
         steps: iterations of the polynomial (ignored by ``"svd"``).
         method: ``"quintic"`` (default), ``"polar_express"`` or ``"svd"``.
+        gram: evaluate the polynomial in the Gram form where it needs fewer FLOPs (:func:`uses_gram`);
+            ``False`` always runs the direct form.
 
     Returns:
         A new tensor of ``G``'s shape and dtype. Iterative methods normalise in fp32 and run their
@@ -146,12 +204,12 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic")
         return _svd_polar(G).to(G.dtype)
     X = torch.empty(G.shape, dtype=torch.bfloat16, device=G.device)
     _normalize_into(X.view(-1, *G.shape[-2:]), G.reshape(-1, *G.shape[-2:]).unbind(0), method)
-    X = _iterate(X, steps, method)
+    X = _iterate(X, steps, method, gram)
     return X.to(G.dtype) if X.dtype != G.dtype else X
 
 
 def orthogonalize_stack(matrices: Sequence[torch.Tensor], steps: int = 5, method: NSMethod = "quintic",
-                        *, scale: float = 1.0) -> torch.Tensor:
+                        *, scale: float = 1.0, gram: bool = True) -> torch.Tensor:
     """``scale · orthogonalize(m)`` for same-shape matrices ``[m, n]``, as one ``[B, m, n]`` tensor
     in their dtype, equal entry for entry to the separate calls.
 
@@ -173,7 +231,7 @@ def orthogonalize_stack(matrices: Sequence[torch.Tensor], steps: int = 5, method
     else:
         X = torch.empty(shape, dtype=torch.bfloat16, device=first.device)
         _normalize_into(X, matrices, method)
-        X = _iterate(X, steps, method)
+        X = _iterate(X, steps, method, gram)
         out = torch.empty(shape, dtype=first.dtype, device=first.device)
         out.copy_(X)
     if scale != 1.0:
@@ -181,22 +239,43 @@ def orthogonalize_stack(matrices: Sequence[torch.Tensor], steps: int = 5, method
     return out
 
 
-def ns_transient_bytes(rows: int, cols: int, batch: int = 1) -> int:
+def ns_transient_bytes(rows: int, cols: int, batch: int = 1, steps: int = 5, gram: bool = True) -> int:
     """Peak bytes of the tensors :func:`orthogonalize_stack` allocates for ``batch`` matrices
     ``rows × cols`` with float32 or bf16 inputs, its output included (``m ≤ n`` after the
-    transpose): during an iteration the normalised bf16 batch, the current and the next iterate
-    (``m·n`` each) and the Gram matrix ``A`` with its polynomial ``B`` (``m²`` each), all bf16;
-    the output is allocated after them. A BLAS library's own workspace inside the matmuls is not
-    counted."""
+    transpose), all bf16. Direct form: during an iteration the normalised batch, the current and
+    the next iterate (``m·n`` each) and the Gram matrix ``A`` with its polynomial ``B`` (``m²``
+    each). Gram form: at the second restart the normalised batch, the iterate of the first restart
+    and the new one (``m·n`` each) beside ``R``, ``Q`` and the last ``Z`` and ``Q·Z`` products
+    (``m²`` each). The output is allocated after them. A BLAS library's own workspace inside the
+    matmuls is not counted."""
     m, n = min(rows, cols), max(rows, cols)
+    if gram and uses_gram(rows, cols, steps):
+        return 2 * batch * (3 * m * n + 4 * m * m)
     return 2 * batch * (3 * m * n + 2 * m * m)
 
 
-def ns_flops(rows: int, cols: int, steps: int = 5) -> int:
-    """Matmul FLOPs of one ``orthogonalize`` call on a ``rows × cols`` matrix.
-
-    With ``m ≤ n`` after the transpose, each step costs ``X Xᵀ`` (2m²n), ``A·A`` (2m³) and
-    ``B·X`` (2m²n). Used to balance Newton–Schulz work across ranks and to report throughput.
-    """
-    m, n = min(rows, cols), max(rows, cols)
+def _direct_flops(m: int, n: int, steps: int) -> int:
+    # per step X Xᵀ (2m²n), A·A (2m³), B·X (2m²n)
     return steps * (4 * m * m * n + 2 * m**3)
+
+
+def _gram_flops(m: int, n: int, steps: int) -> int:
+    # R = X Xᵀ and the final Q·X (2m²n each); per step Z (2m³), Q·Z unless Q restarts (2m³),
+    # the R update unless the next step restarts or none follows (4m³); per restart Q·X and X Xᵀ.
+    restarts = (steps - 1) // GRAM_RESTART_EVERY
+    square = 0
+    for i in range(steps):
+        square += 2 + (0 if i % GRAM_RESTART_EVERY == 0 else 2)
+        square += 4 if i < steps - 1 and (i + 1) % GRAM_RESTART_EVERY != 0 else 0
+    return (4 + 4 * restarts) * m * m * n + square * m**3
+
+
+def ns_flops(rows: int, cols: int, steps: int = 5, gram: bool = True) -> int:
+    """Matmul FLOPs of one ``orthogonalize`` call on a ``rows × cols`` matrix, in the form it runs
+    (:func:`uses_gram`). With ``m ≤ n`` after the transpose the direct form costs
+    ``steps · (4m²n + 2m³)``; the Gram form ``(4 + 4·restarts)·m²n`` plus its ``m × m`` products
+    (``12m²n + 22m³`` at 5 steps). Used to balance Newton–Schulz work across ranks and to report
+    throughput."""
+    m, n = min(rows, cols), max(rows, cols)
+    direct = _direct_flops(m, n, steps)
+    return min(direct, _gram_flops(m, n, steps)) if gram else direct

@@ -69,13 +69,13 @@ def register_norm(cls: type["Norm"]) -> type["Norm"]:
     return cls
 
 
-def make_norm(name: str, *, ns_steps: int = 5, ns_method: str = "quintic") -> "Norm":
+def make_norm(name: str, *, ns_steps: int = 5, ns_method: str = "quintic", ns_gram: bool = True) -> "Norm":
     """Build the geometry registered as ``name``; Newton–Schulz options go to matrix norms."""
     if name not in NORMS:
         raise ValueError(f"unknown norm {name!r}; accepted values: {sorted(NORMS)}")
     cls = NORMS[name]
     if issubclass(cls, MatrixNorm):
-        return cls(ns_steps=ns_steps, ns_method=ns_method)
+        return cls(ns_steps=ns_steps, ns_method=ns_method, ns_gram=ns_gram)
     return cls()
 
 
@@ -116,13 +116,16 @@ def _fill_(w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 class MatrixNorm(Norm):
     """``lmo(g) = s · NS(g)`` with a shape-dependent scale ``s``, on the parameter seen as a matrix."""
 
-    def __init__(self, ns_steps: int = 5, ns_method: str = "quintic") -> None:
+    def __init__(self, ns_steps: int = 5, ns_method: str = "quintic", ns_gram: bool = True) -> None:
         if ns_method not in NS_METHODS:
             raise ValueError(f"unknown ns_method {ns_method!r}; accepted values: {list(NS_METHODS)}")
         if ns_steps < 1:
             raise ValueError(f"ns_steps must be ≥ 1, got {ns_steps}")
         self.ns_steps = ns_steps
         self.ns_method = ns_method
+        self.ns_gram = ns_gram
+        """Evaluate Newton–Schulz in the Gram form where it needs fewer FLOPs
+        (:func:`~disco_ds.optim.newton_schulz.uses_gram`)."""
 
     def to_matrix(self, g: torch.Tensor) -> torch.Tensor:
         """The parameter as the matrix (or batch ``[..., m, n]``) that Newton–Schulz sees."""
@@ -135,11 +138,13 @@ class MatrixNorm(Norm):
     def lmo_batch(self, matrices: Sequence[torch.Tensor], shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """LMO of ``to_matrix`` views of parameters of one ``shape``, as one ``[B, m, n]`` tensor
         (:func:`~disco_ds.optim.newton_schulz.orthogonalize_stack`: no stacked copy of the inputs)."""
-        return orthogonalize_stack(matrices, steps=self.ns_steps, method=self.ns_method, scale=self.scale(shape))
+        return orthogonalize_stack(matrices, steps=self.ns_steps, method=self.ns_method, scale=self.scale(shape),
+                                   gram=self.ns_gram)
 
     def lmo(self, g: torch.Tensor) -> torch.Tensor:
         # orthogonalize returns a new tensor: the scale is applied in place.
-        return orthogonalize(self.to_matrix(g), steps=self.ns_steps, method=self.ns_method).mul_(self.scale(g.shape)).reshape(g.shape)
+        update = orthogonalize(self.to_matrix(g), steps=self.ns_steps, method=self.ns_method, gram=self.ns_gram)
+        return update.mul_(self.scale(g.shape)).reshape(g.shape)
 
     def norm(self, w: torch.Tensor) -> torch.Tensor:
         return torch.linalg.matrix_norm(self.to_matrix(w).float(), ord=2) / self.scale(w.shape)
@@ -153,7 +158,7 @@ class MatrixNorm(Norm):
         return _fill_(w, q * self.scale(w.shape))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(ns_steps={self.ns_steps}, ns_method={self.ns_method!r})"
+        return f"{type(self).__name__}(ns_steps={self.ns_steps}, ns_method={self.ns_method!r}, ns_gram={self.ns_gram})"
 
 
 @register_norm

@@ -137,6 +137,7 @@ def scion_param_groups(
     tied_role: str = "output",
     ns_steps: int = 5,
     ns_method: str = "quintic",
+    ns_gram: bool = True,
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`disco_ds.Scion`, one per (role, geometry) that has parameters.
 
@@ -147,7 +148,7 @@ def scion_param_groups(
         lr_ratios: ``(embedding, hidden, output)`` multipliers of ``lr``; the paper's 1 : 1/8 : 1.
         vector_lr_ratio: multiplier for 0/1-D parameters; defaults to the hidden ratio, since
             gains and biases live inside the hidden blocks.
-        momentum, nesterov, weight_decay, scale, ns_steps, ns_method: Scion group keys, the same
+        momentum, nesterov, weight_decay, scale, ns_steps, ns_method, ns_gram: Scion group keys, the same
             for every group.
         norms: per-role geometry overrides, e.g. ``{"output": "sign"}`` (defaults:
             ``DEFAULT_ROLE_NORMS``).
@@ -196,6 +197,7 @@ def scion_param_groups(
                 "scale": scale,
                 "ns_steps": ns_steps,
                 "ns_method": ns_method,
+                "ns_gram": ns_gram,
             },
         )
         group["params"].append(p)

@@ -45,6 +45,7 @@ SCION_GROUP_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "ns_steps": 5,
     "ns_method": "quintic",
+    "ns_gram": True,
 }
 """Defaults for a group's keys (``lr`` has none: every group must get one)."""
 
@@ -64,10 +65,10 @@ class Scion(torch.optim.Optimizer):
         params: parameters or param groups (e.g. the output of
             :func:`disco_ds.scion_param_groups`). Group keys: ``lr``, ``norm``, ``scale`` (ρ),
             ``momentum`` (m ∈ (0, 1]), ``nesterov``, ``weight_decay`` (0 unconstrained, 1
-            constrained), ``ns_steps``, ``ns_method``; any other key (``role``, ``param_names``)
+            constrained), ``ns_steps``, ``ns_method``, ``ns_gram``; any other key (``role``, ``param_names``)
             is carried along untouched.
         lr: default learning rate; may be omitted when every group carries its own.
-        norm, scale, momentum, nesterov, weight_decay, ns_steps, ns_method: defaults for groups
+        norm, scale, momentum, nesterov, weight_decay, ns_steps, ns_method, ns_gram: defaults for groups
             that do not set them (see ``SCION_GROUP_DEFAULTS``).
 
     Raises:
@@ -86,6 +87,7 @@ class Scion(torch.optim.Optimizer):
         weight_decay: float = SCION_GROUP_DEFAULTS["weight_decay"],
         ns_steps: int = SCION_GROUP_DEFAULTS["ns_steps"],
         ns_method: str = SCION_GROUP_DEFAULTS["ns_method"],
+        ns_gram: bool = SCION_GROUP_DEFAULTS["ns_gram"],
         process_group: Any = None,
         comm_dtype: torch.dtype = torch.bfloat16,
         max_gather_numel: int = 1 << 27,
@@ -99,10 +101,11 @@ class Scion(torch.optim.Optimizer):
             weight_decay=weight_decay,
             ns_steps=ns_steps,
             ns_method=ns_method,
+            ns_gram=ns_gram,
         )
         if lr is not None:
             defaults["lr"] = lr
-        self._norm_cache: dict[tuple[str, int, str], Norm] = {}
+        self._norm_cache: dict[tuple[str, int, str, bool], Norm] = {}
         # The parameters of each group as given, before DeepSpeed swaps in flat partitions.
         self._members: list[list[torch.Tensor]] = []
         self._names: dict[int, str] = {}
@@ -177,9 +180,9 @@ class Scion(torch.optim.Optimizer):
 
     def norm_of(self, group: dict[str, Any]) -> Norm:
         """The geometry object of a group (cached; rebuilt if the group's norm keys change)."""
-        key = (group["norm"], int(group["ns_steps"]), group["ns_method"])
+        key = (group["norm"], int(group["ns_steps"]), group["ns_method"], bool(group["ns_gram"]))
         if key not in self._norm_cache:
-            self._norm_cache[key] = make_norm(key[0], ns_steps=key[1], ns_method=key[2])
+            self._norm_cache[key] = make_norm(key[0], ns_steps=key[1], ns_method=key[2], ns_gram=key[3])
         return self._norm_cache[key]
 
     # ---------------------------------------------------------------- the update

@@ -154,7 +154,8 @@ def _build_optimizer(cfg: RunConfig, model: torch.nn.Module, plan: Plan) -> torc
     o = cfg.optimizer
     if o.name == "scion":
         groups = scion_param_groups(model, lr=plan.lr, lr_ratios=tuple(o.lr_ratios), vector_lr_ratio=o.vector_lr_ratio,
-                                    momentum=o.momentum, weight_decay=o.weight_decay, ns_steps=o.ns_steps, ns_method=o.ns_method)
+                                    momentum=o.momentum, weight_decay=o.weight_decay, ns_steps=o.ns_steps, ns_method=o.ns_method,
+                                    ns_gram=o.ns_gram)
         stage_group = None
         if isinstance(model, NormGPTPipeline):
             # Hugging Face names, as in a one-stage run: the monitor seeds its power iteration from

@@ -200,7 +200,8 @@ def optimizer_groups(cfg: RunConfig, model_config: Any, tp_size: int = 1) -> lis
     with torch.device("meta"):
         model = NormGPTForCausalLM(model_config)
     groups = scion_param_groups(model, lr=1.0, lr_ratios=tuple(o.lr_ratios), vector_lr_ratio=o.vector_lr_ratio,
-                                momentum=o.momentum, weight_decay=o.weight_decay, ns_steps=o.ns_steps, ns_method=o.ns_method)
+                                momentum=o.momentum, weight_decay=o.weight_decay, ns_steps=o.ns_steps, ns_method=o.ns_method,
+                                ns_gram=o.ns_gram)
     out = []
     for gid, group in enumerate(groups):
         kept = [(name, p) for name, p in zip(group["param_names"], group["params"]) if p.requires_grad and p.numel() > 0]
@@ -208,7 +209,8 @@ def optimizer_groups(cfg: RunConfig, model_config: Any, tp_size: int = 1) -> lis
             continue
         shapes = [tuple(int(s) for s in p.shape) for _, p in kept]
         specs = [_tp_spec(name, shape, model_config, tp_size) for (name, _), shape in zip(kept, shapes)]
-        out.append(GroupShapes(gid, group["role"], make_norm(group["norm"], ns_steps=group["ns_steps"], ns_method=group["ns_method"]),
+        out.append(GroupShapes(gid, group["role"], make_norm(group["norm"], ns_steps=group["ns_steps"], ns_method=group["ns_method"],
+                                                                     ns_gram=group["ns_gram"]),
                                [name for name, _ in kept], shapes, specs))
     return out
 

@@ -92,6 +92,9 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     ns_steps: int = 5
     ns_method: str = "quintic"
+    ns_gram: bool = True
+    """Evaluate Newton–Schulz in the Gram form where it needs fewer FLOPs (wide matrices, n > 1.5·m
+    at 5 steps: the MLP's); the same polynomial, restarted every 2 steps in bf16."""
     comm_dtype: str = "bfloat16"
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8

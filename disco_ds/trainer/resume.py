@@ -66,6 +66,7 @@ def run_record(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
         "optimizer.weight_decay": o.weight_decay,
         "optimizer.ns_steps": o.ns_steps,
         "optimizer.ns_method": o.ns_method,
+        "optimizer.ns_gram": o.ns_gram,
         "optimizer.comm_dtype": o.comm_dtype,
         "optimizer.adamw_betas": list(o.adamw_betas),
         "optimizer.adamw_eps": o.adamw_eps,
