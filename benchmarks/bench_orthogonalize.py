@@ -2,11 +2,12 @@
 
 For every shape ``m×n`` (one random Gaussian gradient, shared by all methods) it measures:
 
-* ``orthogonalize`` with ``quintic`` and ``polar_express`` (``--steps`` iterations, bf16 matmuls)
+* ``orthogonalize`` with ``quintic`` and ``polar_express`` (``--steps`` iterations, bf16 matmuls,
+  the direct form), the quintic in the Gram form on shapes where Scion uses it (``n > 1.5·m``),
   and ``svd`` (the exact fp32 oracle);
 * a full ``torch.optim.Muon.step()`` (momentum + Newton–Schulz + update, ``weight_decay=0``) and
-  a full ``disco_ds.Scion`` step with ``norm="spectral"`` (momentum + LMO + update) on a
-  parameter of that shape, the apples-to-apples optimizer-step comparison.
+  a full ``disco_ds.Scion`` step with ``norm="spectral"`` (momentum + LMO + update, its default
+  form) on a parameter of that shape, the apples-to-apples optimizer-step comparison.
 
 Each time is the median of ``--repeats`` runs after ``--warmup`` runs, the methods of a shape
 timed in interleaved rounds; the ratio column divides by the Muon step's time. GFLOP/s counts
@@ -52,7 +53,7 @@ import torch
 
 import disco_ds
 from disco_ds import orthogonalize
-from disco_ds.optim.newton_schulz import ns_flops
+from disco_ds.optim.newton_schulz import ns_flops, uses_gram
 
 Shape = tuple[int, int]
 OptimizerFactory = Callable[[list[torch.nn.Parameter], float], torch.optim.Optimizer]
@@ -149,9 +150,12 @@ def bench_shape(shape: Shape, args: argparse.Namespace, device: torch.device, dt
     grad = torch.randn(shape, device=device, dtype=dtype)
 
     cases: list[Case] = []
-    for name, method in (("quintic", "quintic"), ("polar_express", "polar_express"), ("svd (exact)", "svd")):
-        run = functools.partial(orthogonalize, grad, steps=args.steps, method=method)
-        flops = None if method == "svd" else ns_flops(n_rows, n_cols, args.steps)
+    methods = [("quintic", "quintic", False), ("polar_express", "polar_express", False), ("svd (exact)", "svd", False)]
+    if uses_gram(n_rows, n_cols, args.steps):  # the form Scion runs on this shape
+        methods[1:1] = [("quintic, Gram form", "quintic", True)]
+    for name, method, gram in methods:
+        run = functools.partial(orthogonalize, grad, steps=args.steps, method=method, gram=gram)
+        flops = None if method == "svd" else ns_flops(n_rows, n_cols, args.steps, gram=gram)
         cases.append(Case(name, run, flops, singular_values(run())))
 
     # Shape scales of the updates: Muon's default ("original") lr adjustment √max(1, rows/cols),

@@ -342,6 +342,10 @@ class StepTimer:
 
 def ds_config(cfg: dict, stage: int) -> dict:
     zero: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2):
+        # What disco_ds's trainer sets without clipping (build._skips_gradient_norm), given to all
+        # three engines alike: nothing reads the norm, and DeepSpeed Muon accepts it as well.
+        zero["compute_grad_norm"] = False
     if stage == 3 and cfg.get("z3_reduce_scatter") is False:
         zero["reduce_scatter"] = False
     return {

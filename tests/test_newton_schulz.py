@@ -213,7 +213,8 @@ def test_stack_equals_separate_calls_scaled(case: str, method: str) -> None:
     out = orthogonalize_stack(mats, method=method, scale=0.75)
     assert out.shape == (3, *mats[0].shape) and out.dtype == torch.float32 and out.is_contiguous()
     for g, u in zip(mats, out):
-        torch.testing.assert_close(u, 0.75 * orthogonalize(g, method=method), atol=0, rtol=0)
+        torch.testing.assert_close(u, orthogonalize(g, method=method, scale=0.75), atol=0, rtol=0)
+        torch.testing.assert_close(u, 0.75 * orthogonalize(g, method=method), atol=4e-3, rtol=0)  # one bf16 rounding
     with pytest.raises(ValueError, match="one shape"):
         orthogonalize_stack([CASES["wide"], CASES["tall"]])
 

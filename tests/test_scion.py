@@ -29,11 +29,11 @@ def reference_lmo(norm: str, d: torch.Tensor, ns_method: str) -> torch.Tensor:
     if norm in ("spectral", "spectral_max"):
         s = math.sqrt(d.shape[0] / d.shape[1])
         s = max(1.0, s) if norm == "spectral_max" else s
-        return s * orthogonalize(d, 5, ns_method)
+        return orthogonalize(d, 5, ns_method, scale=s)  # the scale rides in NS's last bf16 product
     if norm == "conv_spectral":
         taps = math.prod(d.shape[2:])
-        flat = orthogonalize(d.reshape(d.shape[0], -1), 5, ns_method)
-        return (math.sqrt(d.shape[0] / d.shape[1]) / taps * flat).reshape(d.shape)
+        flat = orthogonalize(d.reshape(d.shape[0], -1), 5, ns_method, scale=math.sqrt(d.shape[0] / d.shape[1]) / taps)
+        return flat.reshape(d.shape)
     if norm == "token_rms":
         return d * math.sqrt(d.shape[1]) / (d.norm(dim=1, keepdim=True) + 1e-12)
     if norm == "row_norm":
@@ -56,8 +56,8 @@ def reference_scion(params, grads_per_step, groups_cfg, ns_method):
             cfg = groups_cfg[i]
             m = cfg["momentum"]
             if m < 1:
-                bufs[i] = (1 - m) * bufs[i] + m * g
-                d = (1 - m) * bufs[i] + m * g if cfg["nesterov"] else bufs[i]
+                bufs[i] = torch.lerp(bufs[i], g, m)  # (1 − m)·d + m·g, rounded as Scion does
+                d = torch.lerp(bufs[i], g, m) if cfg["nesterov"] else bufs[i]
             else:
                 d = g
             u = reference_lmo(cfg["norm"], d, ns_method)

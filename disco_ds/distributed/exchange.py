@@ -320,7 +320,7 @@ def _owner_peaks(layout: Layout, norm: MatrixNorm, rounds: list[RoundPlan], me: 
         local_only = {f.member for f in step.kept}
         for rows, cols, batch, item, ms in _ns_batches(layout, norm, inputs):
             ns_peak = max(ns_peak, out_all + ns_transient_bytes(rows, cols, batch, norm.ns_steps, norm.ns_gram))
-            out = batch * rows * cols * item
+            out = batch * rows * cols * (norm.update_dtype.itemsize if norm.update_dtype else item)
             out_all += out
             if local_only & set(ms):  # a batch's storage lives while any of its updates is kept
                 out_kept += out
@@ -328,21 +328,20 @@ def _owner_peaks(layout: Layout, norm: MatrixNorm, rounds: list[RoundPlan], me: 
         if step.reverse == "all_gather":  # own padded share, then it and the gathered buffer
             length = max(step.owner_numel)
             total = len(step.owner_numel) * length
-            back = [out_all + blocked_out + length * c, (length + total) * c, total * c + (total * w if convert else 0)]
-            returned = total * w
+            back = [out_all + blocked_out + length * c, (length + total) * c]
+            returned = total * c
         elif step.reverse == "broadcast":  # the whole buffer, own share written in place
             total = sum(step.owner_numel)
-            back = [out_all + blocked_out + total * c, total * c + (total * w if convert else 0)]
-            returned = total * w
+            back = [out_all + blocked_out + total * c]
+            returned = total * c
         else:
             shared = step.shared_numel
             sent_back = sum(f.numel for f in _returns(step, me))
             got_back = sum(f.numel for f, _ in step.received_at)
             back = [out_all + blocked_out + shared * c,
                     out_kept + (shared + sent_back) * c,
-                    out_kept + (sent_back + got_back) * c,
-                    out_kept + got_back * c + (got_back * w if convert else 0)]
-            returned = out_kept + (got_back * w if step.reverse == "all_to_all" else 0)
+                    out_kept + (sent_back + got_back) * c]
+            returned = out_kept + (got_back * c if step.reverse == "all_to_all" else 0)
         start = pack_peak if (k == 0 or not overlap) else in_flight
         peaks.append(carried + max([start, received * c + next_pack, received * c + gathered * c + next_flight,
                                     gathered * c + next_flight + ns_peak + blocked_in]
@@ -391,17 +390,19 @@ def matrix_plan(layout: Layout, norm: MatrixNorm, max_numel_per_rank: int, *, co
     * gather: the received buffer and the gather buffer ``G·c`` of the owned matrices not held
       whole, then ``G·c`` alone;
     * Newton–Schulz (:func:`lmo_many`, batches by shape and dtype in order): with ``G·c`` and the
-      finished batches' outputs, each batch's :func:`~disco_ds.optim.newton_schulz.ns_transient_bytes`
-      (bf16 working set, output included); inputs are the gather buffer (comm dtype) or a whole
-      local fragment (work dtype, no copy); column-blocked members add a copy of input and output;
+      finished batches' outputs (bf16, :attr:`~disco_ds.optim.norms.MatrixNorm.update_dtype`), each
+      batch's :func:`~disco_ds.optim.newton_schulz.ns_transient_bytes` (bf16 working set, output
+      included); inputs are the gather buffer (comm dtype) or a whole local fragment (work dtype,
+      no copy); column-blocked members add a copy of input and output;
     * reverse: all outputs plus the buffer of shared updates ``U·c``; then the outputs nobody else
-      holds (kept), ``U·c`` and the send buffer; send and receive buffers; the received buffer and
-      its work-dtype copy (the updates). Replicated layouts instead: the outputs and the padded
-      share ``L·c`` (all-gather) or the whole buffer ``Σn·c`` (broadcasts); send and gathered
-      ``W·L·c``; gathered and its work-dtype copy.
+      holds (kept), ``U·c`` and the send buffer; send and receive buffers; then the received buffer
+      alone (its views are the updates, in the wire dtype). Replicated layouts instead: the outputs
+      and the padded share ``L·c`` (all-gather) or the whole buffer ``Σn·c`` (broadcasts); send and
+      gathered ``W·L·c``.
 
     The round's peak is the largest of these sums, plus the updates earlier rounds returned (kept
-    until ``step()`` applies them; after the last round, this rank's fragments in the work dtype).
+    until ``step()`` applies them, in bf16 or the wire dtype: ``Scion`` adds them into its weights
+    without a copy).
     Not counted: the inputs, the cached index tensors (:attr:`MatrixPlan.index_bytes`), the one
     copy into a flat buffer that a caller without :class:`FragmentViews` pays, the allocator's
     rounding, BLAS workspaces, and the ``"svd"`` oracle (the formula models the iterative methods).
@@ -571,7 +572,7 @@ def _pack_updates(layout: Layout, step: RoundPlan, owned: dict[int, torch.Tensor
 
 
 def _reverse_replicated(layout: Layout, step: RoundPlan, owned: dict[int, torch.Tensor], comm_dtype: torch.dtype,
-                        work_dtype: torch.dtype, device: torch.device, stats: ExchangeStats) -> torch.Tensor:
+                        device: torch.device, stats: ExchangeStats) -> torch.Tensor:
     """Every rank holds every matrix whole: each owner's updates reach every rank once, rounded to
     ``comm_dtype`` before they leave, and every rank (the owner included) reads them from the same
     buffer, so replicas stay bit-identical. Returns the buffer of all the round's updates."""
@@ -602,7 +603,7 @@ def _reverse_replicated(layout: Layout, step: RoundPlan, owned: dict[int, torch.
                 if step.owner_numel[r]:  # the plan knows every share, so every rank skips the same ones
                     src = r if layout.group is None else dist.get_global_rank(layout.group, r)
                     dist.broadcast(out.narrow(0, starts[r], step.owner_numel[r]), src=src, group=layout.group)
-    return out.to(work_dtype)
+    return out
 
 
 def _matrix_lmo(
@@ -625,7 +626,7 @@ def _matrix_lmo(
     matrices in a gather buffer of ``comm_dtype``, Newton–Schulz runs batched, one ``torch.cat``
     and one ``index_select`` pack the shared updates, and one ``all_to_all_single`` (replicated
     layouts: an all-gather or per-owner broadcasts) returns them; received updates are views of
-    one buffer, converted to the work dtype once.
+    one buffer in ``comm_dtype``.
     """
     buffer = directions.buffer if isinstance(directions, FragmentViews) else None
     work_dtype = buffer.dtype if buffer is not None else next((d.dtype for d in directions.values()), torch.float32)
@@ -663,7 +664,7 @@ def _matrix_lmo(
                                                    on_gathered, device)))
         del gather
         if step.reverse in ("all_gather", "broadcast"):
-            back = _reverse_replicated(layout, step, owned, comm_dtype, work_dtype, device, stats)
+            back = _reverse_replicated(layout, step, owned, comm_dtype, device, stats)
             for f, pos in step.received_at:
                 updates[f] = back.narrow(0, pos, f.numel)
             continue
@@ -682,7 +683,7 @@ def _matrix_lmo(
         recv = torch.empty(sum(out_splits), dtype=comm_dtype, device=device)
         _all_to_all(recv, send, out_splits, in_splits, layout, stats)
         del send
-        back = recv.to(work_dtype)
+        back = recv  # the updates stay in the wire dtype: the caller adds them into its weights
         del recv
         for f, pos in step.received_at:
             updates[f] = back.narrow(0, pos, f.numel)
@@ -860,8 +861,10 @@ def distributed_lmo(
         overlap: start each round's forward collective while the previous round is
             orthogonalised (same result, bit for bit; round k+1's buffers live during round k).
 
-    Returns views: updates of matrices nobody else holds are the owner's results in the work
-    dtype; the others come from one received buffer per round, converted to the work dtype.
+    Returns views, never converted (the caller adds them into its weights in their dtype): updates
+    of matrices nobody else holds are the owner's results (bf16 from Newton–Schulz; the input's
+    dtype from ``"svd"`` and the other norms); the others come from one received buffer per round
+    in ``comm_dtype``.
 
     Every rank of ``layout.group`` must call this with the same layout and norm.
     """

@@ -82,26 +82,32 @@ def _normalize_into(out: torch.Tensor, matrices: Sequence[torch.Tensor], method:
         torch.div(G, d, out=out[i])
 
 
-def _direct_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], transposed: bool) -> torch.Tensor:
-    """The direct form on a 3-D wide batch: ``X ← a·X + (b·A + c·A²)·X`` with ``A = X Xᵀ``."""
+def _direct_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], transposed: bool,
+                  scale: float) -> torch.Tensor:
+    """The direct form on a 3-D wide batch: ``X ← a·X + (b·A + c·A²)·X`` with ``A = X Xᵀ``; the last
+    step also multiplies by ``scale``."""
+    last = len(coefficients) - 1
     for i, (a, b, c) in enumerate(coefficients):
+        s = scale if i == last else 1.0
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        if transposed and i == len(coefficients) - 1:
+        if transposed and i == last:
             # B is symmetric, so (a·X + B·X)ᵀ = a·Xᵀ + Xᵀ·B: the last step writes the tall
             # matrix directly, where transposing afterwards would be one more strided copy.
-            X = torch.baddbmm(X.mT, X.mT, B, beta=a, alpha=1.0)
+            X = torch.baddbmm(X.mT, X.mT, B, beta=a * s, alpha=s)
         else:
-            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+            X = torch.baddbmm(X, B, X, beta=a * s, alpha=s)
     return X
 
 
-def _gram_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], transposed: bool) -> torch.Tensor:
+def _gram_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], transposed: bool,
+                scale: float) -> torch.Tensor:
     """The Gram form on a 3-D wide batch ``[B, m, n]``: the iterate is ``Q·X`` with ``Q`` and
     ``R = X Xᵀ`` (both ``m × m``, symmetric, polynomials in the same matrix, so they commute)
     carried across steps; step ``(a, b, c)`` with ``Z = b·R + c·R²`` makes ``Q ← a·Q + Z·Q`` and
     ``R ← (a + Z)·R·(a + Z)``. The identity never enters a bf16 sum with ``Z`` except in the
-    first ``Q`` after a (re)start, as fused ``beta`` terms keep it apart everywhere else."""
+    first ``Q`` after a (re)start, as fused ``beta`` terms keep it apart everywhere else. The last
+    product also multiplies by ``scale``."""
     R = torch.bmm(X, X.mT)
     Q = None
     last = len(coefficients) - 1
@@ -119,19 +125,21 @@ def _gram_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]],
         if i < last and (i + 1) % GRAM_RESTART_EVERY != 0:  # the next step uses R
             RZ = torch.baddbmm(R, Z, R, beta=a, alpha=1.0)
             R = torch.baddbmm(RZ, Z, RZ, beta=a, alpha=1.0)
+    if scale != 1.0:
+        Q.mul_(scale)  # m × m: cheaper than scaling the m × n result
     # Q is symmetric: (Q·X)ᵀ = Xᵀ·Q writes the tall result directly.
     return torch.bmm(X.mT, Q) if transposed else torch.bmm(Q, X)
 
 
 def _polynomial_iteration(X: torch.Tensor, steps: int, method: str, transposed: bool = False,
-                          gram: bool = False) -> torch.Tensor:
+                          gram: bool = False, scale: float = 1.0) -> torch.Tensor:
     """Odd polynomial iteration on a normalised bf16 wide (rows ≤ cols) batch ``[..., m, n]``, in
-    the direct or the Gram form; with ``transposed``, the result comes out as the contiguous
-    ``[..., n, m]`` transpose."""
+    the direct or the Gram form, times ``scale`` (folded into the last product: no extra pass);
+    with ``transposed``, the result comes out as the contiguous ``[..., n, m]`` transpose."""
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])  # the fused batched kernels take one batch dimension
     coefficients = _coefficients(method, steps)
-    X = (_gram_steps if gram else _direct_steps)(X, coefficients, transposed)
+    X = (_gram_steps if gram else _direct_steps)(X, coefficients, transposed, scale)
     return X.reshape(*batch_shape, *X.shape[-2:])
 
 
@@ -173,17 +181,18 @@ def uses_gram(rows: int, cols: int, steps: int) -> bool:
     return _gram_flops(m, n, steps) < _direct_flops(m, n, steps)
 
 
-def _iterate(X: torch.Tensor, steps: int, method: str, gram: bool) -> torch.Tensor:
-    """The iteration on a normalised bf16 batch in the parameter's orientation: tall matrices are
-    iterated transposed, so that the Gram matrix is the small one. Returns bf16, same orientation,
-    contiguous."""
+def _iterate(X: torch.Tensor, steps: int, method: str, gram: bool, scale: float) -> torch.Tensor:
+    """The iteration on a normalised bf16 batch in the parameter's orientation, times ``scale``:
+    tall matrices are iterated transposed, so that the Gram matrix is the small one. Returns bf16,
+    same orientation, contiguous."""
     rows, cols = X.shape[-2:]
     tall = rows > cols
     gram = gram and uses_gram(rows, cols, steps)
-    return _iteration(X.mT, steps, method, True, gram) if tall else _iteration(X, steps, method, False, gram)
+    return _iteration(X.mT, steps, method, True, gram, scale) if tall else _iteration(X, steps, method, False, gram, scale)
 
 
-def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic", *, gram: bool = True) -> torch.Tensor:
+def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic", *, gram: bool = True,
+                  scale: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximate the orthogonal polar factor ``U Vᵀ`` of a matrix or a batch of matrices.
 
     Args:
@@ -193,29 +202,33 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic",
         method: ``"quintic"`` (default), ``"polar_express"`` or ``"svd"``.
         gram: evaluate the polynomial in the Gram form where it needs fewer FLOPs (:func:`uses_gram`);
             ``False`` always runs the direct form.
+        scale: multiplies the result, inside the iteration's last bf16 product (an LMO's radius).
+        out_dtype: the result's dtype (default ``G``'s); ``torch.bfloat16`` returns the iteration's
+            last product itself, with no conversion pass.
 
     Returns:
-        A new tensor of ``G``'s shape and dtype. Iterative methods normalise in fp32 and run their
+        A new tensor of ``G``'s shape and ``out_dtype``. Iterative methods normalise in fp32 and run their
         matmuls in bf16; tall matrices are transposed so the Gram matrix is the small one.
         A zero matrix returns zeros.
     """
     _check(G.shape, steps, method)
+    out_dtype = out_dtype or G.dtype
     if method == "svd":
-        return _svd_polar(G).to(G.dtype)
+        return (_svd_polar(G) * scale).to(out_dtype)
     X = torch.empty(G.shape, dtype=torch.bfloat16, device=G.device)
     _normalize_into(X.view(-1, *G.shape[-2:]), G.reshape(-1, *G.shape[-2:]).unbind(0), method)
-    X = _iterate(X, steps, method, gram)
-    return X.to(G.dtype) if X.dtype != G.dtype else X
+    return _iterate(X, steps, method, gram, scale).to(out_dtype)
 
 
 def orthogonalize_stack(matrices: Sequence[torch.Tensor], steps: int = 5, method: NSMethod = "quintic",
-                        *, scale: float = 1.0, gram: bool = True) -> torch.Tensor:
+                        *, scale: float = 1.0, gram: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``scale · orthogonalize(m)`` for same-shape matrices ``[m, n]``, as one ``[B, m, n]`` tensor
-    in their dtype, equal entry for entry to the separate calls.
+    in ``out_dtype`` (default: theirs), equal entry for entry to the separate calls
+    ``orthogonalize(m, scale=scale, out_dtype=out_dtype)``.
 
     What an owner of many matrices runs: one batched matmul chain, and no stacked copy of the
-    inputs. Each matrix is normalised straight into its slot of one bf16 batch; the result is
-    converted into the output once and scaled there in place. Transient memory beyond the inputs
+    inputs. Each matrix is normalised straight into its slot of one bf16 batch; the scale is folded
+    into the iteration's last product, which is the result in bf16 or converted once. Transient memory beyond the inputs
     and the output: the bf16 batch, and the iteration's bf16 Gram products and next iterate
     (:func:`ns_transient_bytes`).
     """
@@ -226,17 +239,12 @@ def orthogonalize_stack(matrices: Sequence[torch.Tensor], steps: int = 5, method
     _check(first.shape, steps, method)
     if len(first.shape) != 2 or any(m.shape != first.shape for m in matrices):
         raise ValueError(f"orthogonalize_stack takes matrices of one shape [m, n]; got {[tuple(m.shape) for m in matrices]}")
+    out_dtype = out_dtype or first.dtype
     if method == "svd":
-        out = _svd_polar(torch.stack(list(matrices))).to(first.dtype)
-    else:
-        X = torch.empty(shape, dtype=torch.bfloat16, device=first.device)
-        _normalize_into(X, matrices, method)
-        X = _iterate(X, steps, method, gram)
-        out = torch.empty(shape, dtype=first.dtype, device=first.device)
-        out.copy_(X)
-    if scale != 1.0:
-        out.mul_(scale)
-    return out
+        return (_svd_polar(torch.stack(list(matrices))) * scale).to(out_dtype)
+    X = torch.empty(shape, dtype=torch.bfloat16, device=first.device)
+    _normalize_into(X, matrices, method)
+    return _iterate(X, steps, method, gram, scale).to(out_dtype)
 
 
 def ns_transient_bytes(rows: int, cols: int, batch: int = 1, steps: int = 5, gram: bool = True) -> int:

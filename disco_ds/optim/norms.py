@@ -135,16 +135,23 @@ class MatrixNorm(Norm):
         """The LMO's scale for a parameter of this shape."""
         raise NotImplementedError
 
+    @property
+    def update_dtype(self) -> torch.dtype | None:
+        """The dtype of the updates: the iterative methods' bf16, which their last product already
+        holds (an fp32 copy would add a pass and no precision, and a master weight adds a bf16
+        update in fp32); ``None`` (the input's) for the exact ``"svd"`` oracle."""
+        return None if self.ns_method == "svd" else torch.bfloat16
+
     def lmo_batch(self, matrices: Sequence[torch.Tensor], shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        """LMO of ``to_matrix`` views of parameters of one ``shape``, as one ``[B, m, n]`` tensor
-        (:func:`~disco_ds.optim.newton_schulz.orthogonalize_stack`: no stacked copy of the inputs)."""
+        """LMO of ``to_matrix`` views of parameters of one ``shape``, as one ``[B, m, n]`` tensor in
+        :attr:`update_dtype` (:func:`~disco_ds.optim.newton_schulz.orthogonalize_stack`: no stacked
+        copy of the inputs)."""
         return orthogonalize_stack(matrices, steps=self.ns_steps, method=self.ns_method, scale=self.scale(shape),
-                                   gram=self.ns_gram)
+                                   gram=self.ns_gram, out_dtype=self.update_dtype)
 
     def lmo(self, g: torch.Tensor) -> torch.Tensor:
-        # orthogonalize returns a new tensor: the scale is applied in place.
-        update = orthogonalize(self.to_matrix(g), steps=self.ns_steps, method=self.ns_method, gram=self.ns_gram)
-        return update.mul_(self.scale(g.shape)).reshape(g.shape)
+        return orthogonalize(self.to_matrix(g), steps=self.ns_steps, method=self.ns_method, gram=self.ns_gram,
+                             scale=self.scale(g.shape), out_dtype=self.update_dtype).reshape(g.shape)
 
     def norm(self, w: torch.Tensor) -> torch.Tensor:
         return torch.linalg.matrix_norm(self.to_matrix(w).float(), ord=2) / self.scale(w.shape)

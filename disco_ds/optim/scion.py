@@ -197,9 +197,10 @@ class Scion(torch.optim.Optimizer):
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         d = state["exp_avg"]
-        d.mul_(1.0 - m).add_(g, alpha=m)
+        # d ← (1 − m)·d + m·g as one lerp: one pass over the state instead of a mul and an add.
+        d.lerp_(g, m)
         if group["nesterov"]:
-            return d.mul(1.0 - m).add_(g, alpha=m)
+            return torch.lerp(d, g, m)
         return d
 
     def _after_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -253,7 +254,7 @@ class Scion(torch.optim.Optimizer):
             if decay != 1.0:
                 t.mul_(decay)
             for target, u in placement.targets(index, updates):
-                target.add_(u.to(target.dtype), alpha=-step_size)
+                target.add_(u, alpha=-step_size)  # a bf16 update is added in the target's dtype, uncopied
             self._after_update(t, group)
         if deltas is not None:
             norm = self.norm_of(group)
