@@ -54,7 +54,8 @@ def describe(layout: Any) -> dict[str, Any]:
     return {
         "shapes": [tuple(s) for s in layout.shapes], "fragments": layout.fragments, "blocks": dict(layout.blocks),
         "sources": layout.sources, "replicated": layout.replicated, "rank": layout.rank,
-        "plans": {(kind.__name__, steps, bound): (plan.owners, plan.rounds) for (kind, steps, bound, *_), plan in layout.plans.items()},
+        "plans": {(kind.__name__, steps, gram, bound): (plan.owners, plan.rounds)
+                  for (kind, steps, gram, bound, *_), plan in layout.plans.items()},
     }
 
 

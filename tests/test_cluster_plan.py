@@ -85,8 +85,8 @@ def test_plan_from_shapes_equals_the_live_layouts_and_plans(live: dict, world: i
             if not isinstance(norm, MatrixNorm):
                 assert ref["plans"] == {}
                 continue
-            (kind, steps, bound), (owners, rounds) = next(iter(ref["plans"].items()))
-            assert (kind, steps) == (type(norm).__name__, norm.ns_steps)
+            (kind, steps, gram, bound), (owners, rounds) = next(iter(ref["plans"].items()))
+            assert (kind, steps, gram) == (type(norm).__name__, norm.ns_steps, norm.ns_gram)
             mine = matrix_plan(layout, norm, bound)
             assert mine.owners == owners, planned.key
             assert mine.rounds == rounds, planned.key

@@ -258,9 +258,9 @@ def test_exchange_plan_is_cached_and_identical_on_every_rank(tmp_path: Path, sta
         for seen in rank["plan_indices"]:
             layout = Layout(shapes=seen["shapes"], fragments=seen["fragments"], group=None, rank=seen["rank"],
                             replicated=seen["replicated"], blocks=seen["blocks"], sources=seen["sources"])
-            norm_class, ns_steps, bound, comm_bytes, work_bytes, overlap = seen["key"]
-            plan = matrix_plan(layout, norm_class(ns_steps=ns_steps), bound, comm_bytes=comm_bytes, work_bytes=work_bytes,
-                               overlap=overlap)
+            norm_class, ns_steps, ns_gram, bound, comm_bytes, work_bytes, overlap = seen["key"]
+            plan = matrix_plan(layout, norm_class(ns_steps=ns_steps, ns_gram=ns_gram), bound, comm_bytes=comm_bytes,
+                               work_bytes=work_bytes, overlap=overlap)
             for where, index in seen["indices"].items():
                 device, packed = eval(where)  # noqa: S307 - a (str, bool) tuple this test's worker wrote
                 rebuilt = [[t.tolist() for t in (i.send, i.gather, i.back)]
