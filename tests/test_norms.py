@@ -187,6 +187,23 @@ def test_lmo_many_batches_same_shapes_and_matches_single_calls() -> None:
         torch.testing.assert_close(u, conv.lmo(g), atol=0, rtol=0)
 
 
+def test_lmo_many_batches_mixed_dtypes_in_one_call(monkeypatch) -> None:
+    """An owner's matrices come from its fp32 partition and from the bf16 gather buffer: one batch
+    per shape all the same, each entry equal to its own call, updates in bf16."""
+    import disco_ds.optim.norms as norms
+
+    calls = []
+    real = norms.orthogonalize_stack
+    monkeypatch.setattr(norms, "orthogonalize_stack", lambda matrices, **kw: calls.append(len(matrices)) or real(matrices, **kw))
+    norm = Spectral()
+    mats = [torch.randn(16, 24), torch.randn(16, 24).bfloat16(), torch.randn(16, 24)]
+    out = lmo_many(norm, mats)
+    assert calls == [3]
+    for g, u in zip(mats, out):
+        assert u.dtype == torch.bfloat16
+        torch.testing.assert_close(u, norm.lmo(g), atol=0, rtol=0)
+
+
 def test_unknown_norm_and_bad_ns_options() -> None:
     with pytest.raises(ValueError, match="accepted values"):
         make_norm("frobenius")

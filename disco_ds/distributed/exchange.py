@@ -280,13 +280,13 @@ def _replicated_reverse(owner_numel: list[int]) -> str:
 
 def _ns_batches(layout: Layout, norm: MatrixNorm, inputs: list[tuple[int, int]]) -> list[tuple[int, int, int, int, list[int]]]:
     """``(rows, cols, batch, element bytes, members)`` of the Newton–Schulz batches :func:`lmo_many`
-    forms from ``(member, element bytes)`` inputs: one per shape and dtype, in order of first
-    appearance."""
-    groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    forms from ``(member, element bytes)`` inputs: one per shape, in order of first appearance,
+    with the element bytes of its first input (the dtype ``"svd"`` returns)."""
+    groups: dict[tuple[int, ...], tuple[int, list[int]]] = {}
     for m, item in inputs:
-        groups.setdefault((tuple(layout.shapes[m]), item), []).append(m)
+        groups.setdefault(tuple(layout.shapes[m]), (item, []))[1].append(m)
     out = []
-    for (shape, item), ms in groups.items():
+    for shape, (item, ms) in groups.items():
         matrix = norm.to_matrix(torch.empty(shape, device="meta")).shape
         out.append((int(matrix[-2]), int(matrix[-1]), len(ms) * shape_numel(tuple(matrix[:-2])), item, ms))
     return out

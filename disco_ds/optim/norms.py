@@ -356,14 +356,16 @@ class Sign(ElementwiseNorm):
 
 
 def lmo_many(norm: Norm, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[norm.lmo(t) for t in tensors]``, with same-shape matrices orthogonalised in one batch."""
+    """``[norm.lmo(t) for t in tensors]``, with same-shape matrices orthogonalised in one batch
+    whatever their dtypes (an owner's matrices come from its fp32 partition and from the bf16
+    gather buffer: each is normalised into the bf16 batch on its own)."""
     if not isinstance(norm, MatrixNorm):
         return [norm.lmo(t) for t in tensors]
-    by_shape: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[int]] = {}
+    by_shape: dict[tuple[tuple[int, ...], torch.device], list[int]] = {}
     for i, t in enumerate(tensors):
-        by_shape.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
+        by_shape.setdefault((tuple(t.shape), t.device), []).append(i)
     out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-    for (shape, _, _), indices in by_shape.items():
+    for (shape, _), indices in by_shape.items():
         if len(indices) == 1:  # no stacking copy for a lone matrix
             out[indices[0]] = norm.lmo(tensors[indices[0]])
             continue
