@@ -283,3 +283,20 @@ def test_single_process_counters() -> None:
     assert opt.stats.matrices_orthogonalized == 2 * matrices
     assert opt.steps == 2 and opt.stats.ns_seconds > 0
     assert opt.stats.all_to_all_calls == 0 and opt.stats.bytes_sent == 0
+
+
+def test_state_saved_before_a_group_key_existed_loads_with_its_default() -> None:
+    """Checkpoints written before ``ns_gram`` existed lack it in their param groups."""
+    p = nn.Parameter(torch.randn(8, 16))
+    p.grad = torch.randn(8, 16)
+    opt = Scion([p], lr=0.1)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["ns_gram"]
+    resumed = Scion([p], lr=0.1)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["ns_gram"] is True
+    expected = torch.lerp(opt.state[p]["exp_avg"].clone(), p.grad, 0.1)
+    resumed.step()
+    torch.testing.assert_close(resumed.state[p]["exp_avg"], expected)

@@ -178,6 +178,14 @@ class Scion(torch.optim.Optimizer):
                     f"{sorted(n for n, c in NORMS.items() if c.min_ndim <= len(shape))}"
                 )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict ends here: a state saved before a group key existed (``ns_gram``) loads
+        # with that key's default instead of failing at the next step.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in SCION_GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+
     def norm_of(self, group: dict[str, Any]) -> Norm:
         """The geometry object of a group (cached; rebuilt if the group's norm keys change)."""
         key = (group["norm"], int(group["ns_steps"]), group["ns_method"], bool(group["ns_gram"]))
