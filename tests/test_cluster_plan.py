@@ -102,6 +102,23 @@ def test_loads_summed_over_ranks_balance() -> None:
         assert plan.recommended is not None and plan.optimizer_s > 0
 
 
+@pytest.mark.parametrize("world,reverse", [(3, "all_gather"), (4, "broadcast")])  # W=3: unequal shares
+def test_stage0_traffic_is_the_exchanges_own_accounting(world: int, reverse: str) -> None:
+    """At stage 0 the updates return by an all-gather of shares padded to the largest, or by one
+    broadcast per owner; the plan's bytes are what ``ExchangeStats`` counts for them."""
+    plan = plan_cluster("tiny", Cluster(world), zero_stage=0, overrides=SMALL)
+    expected = {rank: 0 for rank in range(world)}
+    for planned in plan.layouts:
+        if not isinstance(planned.group.norm, MatrixNorm):
+            continue
+        for rank in range(world):
+            for step in matrix_plan(planned.for_rank(rank), planned.group.norm, 1 << 27).rounds:
+                assert step.reverse == reverse
+                share = max(step.owner_numel) if reverse == "all_gather" else step.owner_numel[rank]
+                expected[rank] += (world - 1) * share * 2  # bf16 on the wire
+    assert {rank: load.bytes_sent for rank, load in plan.loads.items()} == expected
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_representative_ranks_include_the_busiest(stage: int) -> None:
     """Where planning every rank is too slow (ZeRO-0/3 at hundreds of ranks) only representative

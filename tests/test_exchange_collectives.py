@@ -128,6 +128,7 @@ def _replicated_case(shapes: list[tuple[int, ...]], rank: int, world: int) -> di
     plan = exchange.matrix_plan(layout, Spectral(), 1 << 27, comm_bytes=2, work_bytes=4)
     return {"updates": [updates[f].clone() for f in layout.local()], "calls": counter.calls,
             "all_to_all_calls": stats.all_to_all_calls, "reverse": [r.reverse for r in plan.rounds],
+            "all_gather_calls": stats.all_gather_calls, "broadcast_calls": stats.broadcast_calls,
             "orthogonalized": stats.matrices_orthogonalized}
 
 
@@ -160,6 +161,8 @@ def test_replicated_layout_returns_updates_without_all_to_all(world: int, shapes
             assert rank["calls"]["all_gather_into_tensor"] == 1 and rank["calls"]["broadcast"] == 0
         else:
             assert rank["calls"]["all_gather_into_tensor"] == 0 and rank["calls"]["broadcast"] == world
+        assert (rank["all_gather_calls"], rank["broadcast_calls"]) == (rank["calls"]["all_gather_into_tensor"],
+                                                                         rank["calls"]["broadcast"])
         for u, ref in zip(rank["updates"], expected):
             assert torch.equal(u, u.bfloat16().float())  # every update went through bf16
             torch.testing.assert_close(u.view(ref.shape), ref, atol=2e-2, rtol=0)

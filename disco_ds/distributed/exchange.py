@@ -586,6 +586,7 @@ def _reverse_replicated(layout: Layout, step: RoundPlan, owned: dict[int, torch.
         out = torch.empty(world * length, dtype=comm_dtype, device=device)
         stats.elements_sent += (world - 1) * length
         stats.bytes_sent += (world - 1) * length * out.element_size()
+        stats.all_gather_calls += 1
         with stats.comm.region(device):
             dist.all_gather_into_tensor(out, send, group=layout.group)
         del send
@@ -602,6 +603,7 @@ def _reverse_replicated(layout: Layout, step: RoundPlan, owned: dict[int, torch.
             for r in range(world):
                 if step.owner_numel[r]:  # the plan knows every share, so every rank skips the same ones
                     src = r if layout.group is None else dist.get_global_rank(layout.group, r)
+                    stats.broadcast_calls += 1
                     dist.broadcast(out.narrow(0, starts[r], step.owner_numel[r]), src=src, group=layout.group)
     return out
 

@@ -79,6 +79,10 @@ class ExchangeStats:
     bytes_sent: int = 0
     all_to_all_calls: int = 0
     all_reduce_calls: int = 0
+    all_gather_calls: int = 0
+    """Stage 0 / DDP rounds returning every owner's updates with one ``all_gather_into_tensor``."""
+    broadcast_calls: int = 0
+    """Stage 0 / DDP rounds returning them with one ``broadcast`` per owner instead."""
     comm: Stopwatch = field(default_factory=Stopwatch)
     """Time inside the optimizer's collectives (includes waiting for the slowest rank)."""
     ns: Stopwatch = field(default_factory=Stopwatch)

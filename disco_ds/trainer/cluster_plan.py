@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from disco_ds.distributed.exchange import matrix_cost, matrix_plan
+from disco_ds.distributed.exchange import RoundPlan, matrix_cost, matrix_plan
 from disco_ds.distributed.layout import Fragment, Layout, shape_numel
 from disco_ds.distributed.tensor_parallel import TPSpec, partition_dim_of
 from disco_ds.optim.norms import MatrixNorm, Norm, SeparableNorm, make_norm
@@ -381,12 +381,33 @@ class RankLoad:
     bytes_sent: int = 0
     bytes_received: int = 0
     rounds: int = 0
-    """Rounds of the matrix exchange (two ``all_to_all_single`` each)."""
+    """Rounds of the matrix exchange: a forward ``all_to_all_single`` where fragments move to owners,
+    and the reverse that returns the updates (an ``all_to_all_single``; at stage 0 one
+    ``all_gather_into_tensor`` or a ``broadcast`` per owner)."""
     owner_peak_bytes: int = 0
     """Largest transient owner memory of any round (gathered matrices and their updates)."""
     per_round: list[tuple[int, int, int, int, int]] = field(default_factory=list, repr=False)
     """Per round: NS FLOPs, and the forward and reverse transfers' intra- and inter-node bytes
     (each the larger of sent and received)."""
+
+
+def _replicated_transfer(cluster: Cluster, me: int, step: RoundPlan, item: int) -> tuple[int, int, int, int]:
+    """``(sent, received, intra-node bytes, inter-node bytes)`` of a stage-0 round's reverse, by the
+    exchange's own accounting: an all-gather sends every peer this rank's share padded to the
+    largest (``step.owner_numel``), broadcasts send each owner's exact share to every peer."""
+    padded = max(step.owner_numel)
+    sent, received, intra, inter = 0, 0, [0, 0], [0, 0]
+    for peer in range(len(step.owner_numel)):
+        if peer == me:
+            continue
+        out = (padded if step.reverse == "all_gather" else step.owner_numel[me]) * item
+        back = (padded if step.reverse == "all_gather" else step.owner_numel[peer]) * item
+        link = intra if cluster.same_node(me, peer) else inter
+        link[0] += out
+        link[1] += back
+        sent += out
+        received += back
+    return sent, received, max(intra), max(inter)
 
 
 def _transfer(cluster: Cluster, me: int, sends: list[list[Fragment]], receives: list[list[Fragment]],
@@ -420,7 +441,10 @@ def rank_loads(planned: PlannedLayout, cluster: Cluster, ranks: Sequence[int], m
         for step in plan.rounds:
             flops = sum(matrix_cost(norm, layout.shapes[m]) for m in step.mine)
             sent, received, intra_f, inter_f = _transfer(cluster, rank, step.to_owners, step.from_holders, comm_bytes)
-            sent_r, received_r, intra_r, inter_r = _transfer(cluster, rank, step.to_holders, step.from_owners, comm_bytes)
+            if step.reverse in ("all_gather", "broadcast"):
+                sent_r, received_r, intra_r, inter_r = _replicated_transfer(cluster, rank, step, comm_bytes)
+            else:
+                sent_r, received_r, intra_r, inter_r = _transfer(cluster, rank, step.to_holders, step.from_owners, comm_bytes)
             load.matrices += len(step.mine)
             load.ns_flops += flops
             load.bytes_sent += sent + sent_r
