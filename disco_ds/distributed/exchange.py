@@ -389,7 +389,7 @@ def matrix_plan(layout: Layout, norm: MatrixNorm, max_numel_per_rank: int, *, co
       ``N``, and are packed while round k's received buffer ``R·c`` lives);
     * gather: the received buffer and the gather buffer ``G·c`` of the owned matrices not held
       whole, then ``G·c`` alone;
-    * Newton–Schulz (:func:`lmo_many`, batches by shape and dtype in order): with ``G·c`` and the
+    * Newton–Schulz (:func:`lmo_many`, batches by shape in order): with ``G·c`` and the
       finished batches' outputs (bf16, :attr:`~disco_ds.optim.norms.MatrixNorm.update_dtype`), each
       batch's :func:`~disco_ds.optim.newton_schulz.ns_transient_bytes` (bf16 working set, output
       included); inputs are the gather buffer (comm dtype) or a whole local fragment (work dtype,

@@ -391,31 +391,10 @@ class RankLoad:
     (each the larger of sent and received)."""
 
 
-def _replicated_transfer(cluster: Cluster, me: int, step: RoundPlan, item: int) -> tuple[int, int, int, int]:
-    """``(sent, received, intra-node bytes, inter-node bytes)`` of a stage-0 round's reverse, by the
-    exchange's own accounting: an all-gather sends every peer this rank's share padded to the
-    largest (``step.owner_numel``), broadcasts send each owner's exact share to every peer."""
-    padded = max(step.owner_numel)
-    sent, received, intra, inter = 0, 0, [0, 0], [0, 0]
-    for peer in range(len(step.owner_numel)):
-        if peer == me:
-            continue
-        out = (padded if step.reverse == "all_gather" else step.owner_numel[me]) * item
-        back = (padded if step.reverse == "all_gather" else step.owner_numel[peer]) * item
-        link = intra if cluster.same_node(me, peer) else inter
-        link[0] += out
-        link[1] += back
-        sent += out
-        received += back
-    return sent, received, max(intra), max(inter)
-
-
-def _transfer(cluster: Cluster, me: int, sends: list[list[Fragment]], receives: list[list[Fragment]],
-              item: int) -> tuple[int, int, int, int]:
-    """``(sent, received, intra-node bytes, inter-node bytes)`` of one ``all_to_all_single``; the
-    per-link bytes are the larger direction (links are full duplex)."""
-    sent = [sum(f.numel for f in frags) * item for frags in sends]
-    received = [sum(f.numel for f in frags) * item for frags in receives]
+def _per_link(cluster: Cluster, me: int, sent: list[int], received: list[int]) -> tuple[int, int, int, int]:
+    """``(sent, received, intra-node bytes, inter-node bytes)`` of one collective from the bytes
+    sent to and received from each peer; the per-link bytes are the larger direction (links are
+    full duplex)."""
     intra = [0, 0]
     inter = [0, 0]
     for peer, (s, r) in enumerate(zip(sent, received)):
@@ -423,6 +402,26 @@ def _transfer(cluster: Cluster, me: int, sends: list[list[Fragment]], receives: 
         link[0] += s
         link[1] += r
     return sum(sent), sum(received), max(intra), max(inter)
+
+
+def _transfer(cluster: Cluster, me: int, sends: list[list[Fragment]], receives: list[list[Fragment]],
+              item: int) -> tuple[int, int, int, int]:
+    """:func:`_per_link` of one ``all_to_all_single`` moving these fragments."""
+    return _per_link(cluster, me, [sum(f.numel for f in frags) * item for frags in sends],
+                     [sum(f.numel for f in frags) * item for frags in receives])
+
+
+def _replicated_transfer(cluster: Cluster, me: int, step: RoundPlan, item: int) -> tuple[int, int, int, int]:
+    """:func:`_per_link` of a stage-0 round's reverse, by the exchange's own accounting: an
+    all-gather sends every peer this rank's share padded to the largest (``step.owner_numel``),
+    broadcasts send each owner's exact share to every peer."""
+    peers = range(len(step.owner_numel))
+    if step.reverse == "all_gather":
+        sent = received = [0 if r == me else max(step.owner_numel) * item for r in peers]
+    else:
+        sent = [0 if r == me else step.owner_numel[me] * item for r in peers]
+        received = [0 if r == me else step.owner_numel[r] * item for r in peers]
+    return _per_link(cluster, me, sent, received)
 
 
 def rank_loads(planned: PlannedLayout, cluster: Cluster, ranks: Sequence[int], max_numel_per_rank: int,
