@@ -38,7 +38,7 @@ import torch.distributed as dist
 from disco_ds.distributed.layout import Fragment, FragmentViews, Layout, matrix_view_shape, row_pieces, shape_numel
 from disco_ds.distributed.timing import ExchangeStats
 from disco_ds.optim.newton_schulz import ns_flops, ns_transient_bytes
-from disco_ds.optim.norms import ElementwiseNorm, MatrixNorm, Norm, SeparableNorm, lmo_many
+from disco_ds.optim.norms import ElementwiseNorm, MatrixNorm, Norm, SeparableNorm, lmo_many, sum_of_squares
 
 __all__ = ["matrix_cost", "assign_owners", "plan_rounds", "MatrixPlan", "RoundPlan", "RoundIndex", "matrix_plan",
            "distributed_lmo", "matrix_products"]
@@ -736,8 +736,8 @@ def _separable_lmo(
         if f not in contributing:
             continue  # a copy of entries another rank adds
         for o, row, rows, col, cols in rects[f]:
-            sq = directions[f][o : o + rows * cols].view(rows, cols).float().square()
-            sums[slot(f, row, rows, col, cols)] += sq.sum() if reduce_dim is None else sq.sum(dim=reduce_dim)
+            piece = directions[f][o : o + rows * cols].view(rows, cols)
+            sums[slot(f, row, rows, col, cols)] += sum_of_squares(piece, reduce_dim)
     _sum_over_ranks(sums, layout, stats)
     factors = torch.empty_like(sums)
     for m in {f.member for f in local}:
@@ -751,7 +751,8 @@ def _separable_lmo(
         for o, row, rows, col, cols in rects[f]:
             scale = factors[slot(f, row, rows, col, cols)]
             scale = scale.unsqueeze(1) if norm.axis == "row" else scale
-            out[o : o + rows * cols].view(rows, cols).copy_(d[o : o + rows * cols].view(rows, cols).float() * scale)
+            # One pass: the product is formed in fp32 (the scale's dtype) and rounded on the store.
+            torch.mul(d[o : o + rows * cols].view(rows, cols), scale, out=out[o : o + rows * cols].view(rows, cols))
         updates[f] = out
     return updates
 
@@ -808,7 +809,7 @@ def matrix_products(
                     buf[base + col : base + col + ncols] += v[row : row + nrows] @ piece
                 else:
                     buf[base + row : base + row + nrows] += piece @ v[col : col + ncols]
-                    buf[base + rows + row : base + rows + row + nrows] += piece.square().sum(dim=1)
+                    buf[base + rows + row : base + rows + row + nrows] += sum_of_squares(piece, 1)
     _sum_over_ranks(buf, layout, stats)
     results: list[dict[int, torch.Tensor]] = [{} for _ in vectors]
     for k, m, o in slots:

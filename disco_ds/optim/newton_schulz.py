@@ -83,39 +83,44 @@ def _normalize_into(out: torch.Tensor, matrices: Sequence[torch.Tensor], method:
         torch.div(G, d, out=out[i])
 
 
-def _direct_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], transposed: bool,
+def _gram_matrix(X: torch.Tensor, tall: bool) -> torch.Tensor:
+    """The small Gram matrix of a 3-D batch: ``XᵀX`` of a tall one, ``X Xᵀ`` of a wide one."""
+    return torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
+
+
+def _direct_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], tall: bool,
                   scale: float) -> torch.Tensor:
-    """The direct form on a 3-D wide batch: ``X ← a·X + (b·A + c·A²)·X`` with ``A = X Xᵀ``; the last
-    step also multiplies by ``scale``."""
+    """The direct form on a 3-D batch: ``X ← a·X + (b·A + c·A²)·X`` with ``A = X Xᵀ`` (wide), or
+    its mirror image ``X ← a·X + X·(b·A + c·A²)`` with ``A = XᵀX`` (tall); the last step also
+    multiplies by ``scale``."""
     last = len(coefficients) - 1
     for i, (a, b, c) in enumerate(coefficients):
         s = scale if i == last else 1.0
-        A = torch.bmm(X, X.mT)
+        A = _gram_matrix(X, tall)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        if transposed and i == last:
-            # B is symmetric, so (a·X + B·X)ᵀ = a·Xᵀ + Xᵀ·B: the last step writes the tall
-            # matrix directly, where transposing afterwards would be one more strided copy.
-            X = torch.baddbmm(X.mT, X.mT, B, beta=a * s, alpha=s)
-        else:
-            X = torch.baddbmm(X, B, X, beta=a * s, alpha=s)
+        X = torch.baddbmm(X, X, B, beta=a * s, alpha=s) if tall else torch.baddbmm(X, B, X, beta=a * s, alpha=s)
     return X
 
 
-def _gram_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], transposed: bool,
+def _gram_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]], tall: bool,
                 scale: float) -> torch.Tensor:
-    """The Gram form on a 3-D wide batch ``[B, m, n]``: the iterate is ``Q·X`` with ``Q`` and
-    ``R = X Xᵀ`` (both ``m × m``, symmetric, polynomials in the same matrix, so they commute)
-    carried across steps; step ``(a, b, c)`` with ``Z = b·R + c·R²`` makes ``Q ← a·Q + Z·Q`` and
-    ``R ← (a + Z)·R·(a + Z)``. The identity never enters a bf16 sum with ``Z`` except in the
-    first ``Q`` after a (re)start, as fused ``beta`` terms keep it apart everywhere else. The last
-    product also multiplies by ``scale``."""
-    R = torch.bmm(X, X.mT)
+    """The Gram form on a 3-D batch: the iterate is ``Q·X`` (wide; ``X·Q`` tall) with ``Q`` and
+    ``R``, the small Gram matrix (both ``m × m``, symmetric, polynomials in the same matrix, so
+    they commute), carried across steps; step ``(a, b, c)`` with ``Z = b·R + c·R²`` makes
+    ``Q ← a·Q + Z·Q`` and ``R ← (a + Z)·R·(a + Z)``. The identity never enters a bf16 sum with
+    ``Z`` except in the first ``Q`` after a (re)start, as fused ``beta`` terms keep it apart
+    everywhere else. The last product also multiplies by ``scale``."""
+
+    def apply(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(X, Q) if tall else torch.bmm(Q, X)
+
+    R = _gram_matrix(X, tall)
     Q = None
     last = len(coefficients) - 1
     for i, (a, b, c) in enumerate(coefficients):
         if i > 0 and i % GRAM_RESTART_EVERY == 0:
-            X = torch.bmm(Q, X)
-            R = torch.bmm(X, X.mT)
+            X = apply(Q, X)
+            R = _gram_matrix(X, tall)
             Q = None
         Z = torch.baddbmm(R, R, R, beta=b, alpha=c)
         if Q is None:
@@ -128,19 +133,20 @@ def _gram_steps(X: torch.Tensor, coefficients: list[tuple[float, float, float]],
             R = torch.baddbmm(RZ, Z, RZ, beta=a, alpha=1.0)
     if scale != 1.0:
         Q.mul_(scale)  # m × m: cheaper than scaling the m × n result
-    # Q is symmetric: (Q·X)ᵀ = Xᵀ·Q writes the tall result directly.
-    return torch.bmm(X.mT, Q) if transposed else torch.bmm(Q, X)
+    return apply(Q, X)
 
 
-def _polynomial_iteration(X: torch.Tensor, steps: int, method: str, transposed: bool = False,
+def _polynomial_iteration(X: torch.Tensor, steps: int, method: str, tall: bool = False,
                           gram: bool = False, scale: float = 1.0) -> torch.Tensor:
-    """Odd polynomial iteration on a normalised bf16 wide (rows ≤ cols) batch ``[..., m, n]``, in
-    the direct or the Gram form, times ``scale`` (folded into the last product: no extra pass);
-    with ``transposed``, the result comes out as the contiguous ``[..., n, m]`` transpose."""
+    """Odd polynomial iteration on a normalised bf16 batch ``[..., rows, cols]``, wide
+    (``tall=False``: the Gram matrix is ``X Xᵀ``) or tall (``XᵀX``), in the direct or the Gram
+    form, times ``scale`` (folded into the last product: no extra pass). A tall batch is iterated
+    in its own orientation, multiplied from the right, so no transpose is ever materialised and
+    the result comes out contiguous in the input's shape."""
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])  # the fused batched kernels take one batch dimension
     coefficients = _coefficients(method, steps)
-    X = (_gram_steps if gram else _direct_steps)(X, coefficients, transposed, scale)
+    X = (_gram_steps if gram else _direct_steps)(X, coefficients, tall, scale)
     return X.reshape(*batch_shape, *X.shape[-2:])
 
 
@@ -184,12 +190,9 @@ def uses_gram(rows: int, cols: int, steps: int) -> bool:
 
 def _iterate(X: torch.Tensor, steps: int, method: str, gram: bool, scale: float) -> torch.Tensor:
     """The iteration on a normalised bf16 batch in the parameter's orientation, times ``scale``:
-    tall matrices are iterated transposed, so that the Gram matrix is the small one. Returns bf16,
-    same orientation, contiguous."""
+    a tall matrix's Gram matrix is ``XᵀX``, the small one. Returns bf16, same shape, contiguous."""
     rows, cols = X.shape[-2:]
-    tall = rows > cols
-    gram = gram and uses_gram(rows, cols, steps)
-    return _iteration(X.mT, steps, method, True, gram, scale) if tall else _iteration(X, steps, method, False, gram, scale)
+    return _iteration(X, steps, method, rows > cols, gram and uses_gram(rows, cols, steps), scale)
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic", *, gram: bool = True,
@@ -209,7 +212,7 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, method: NSMethod = "quintic",
 
     Returns:
         A new tensor of ``G``'s shape and ``out_dtype``. Iterative methods normalise in fp32 and run their
-        matmuls in bf16; tall matrices are transposed so the Gram matrix is the small one.
+        matmuls in bf16; a tall matrix is iterated from the right, so the Gram matrix is the small one.
         A zero matrix returns zeros.
     """
     _check(G.shape, steps, method)
@@ -250,8 +253,8 @@ def orthogonalize_stack(matrices: Sequence[torch.Tensor], steps: int = 5, method
 
 def ns_transient_bytes(rows: int, cols: int, batch: int = 1, steps: int = 5, gram: bool = True) -> int:
     """Peak bytes of the tensors :func:`orthogonalize_stack` allocates for ``batch`` matrices
-    ``rows × cols`` with float32 or bf16 inputs, its output included (``m ≤ n`` after the
-    transpose), all bf16. Direct form: during an iteration the normalised batch, the current and
+    ``rows × cols`` with float32 or bf16 inputs, its output included (``m ≤ n`` the smaller
+    and the larger side), all bf16. Direct form: during an iteration the normalised batch, the current and
     the next iterate (``m·n`` each) and the Gram matrix ``A`` with its polynomial ``B`` (``m²``
     each). Gram form: at the second restart the normalised batch, the iterate of the first restart
     and the new one (``m·n`` each) beside ``R``, ``Q`` and the last ``Z`` and ``Q·Z`` products
@@ -281,7 +284,7 @@ def _gram_flops(m: int, n: int, steps: int) -> int:
 
 def ns_flops(rows: int, cols: int, steps: int = 5, gram: bool = True) -> int:
     """Matmul FLOPs of one ``orthogonalize`` call on a ``rows × cols`` matrix, in the form it runs
-    (:func:`uses_gram`). With ``m ≤ n`` after the transpose the direct form costs
+    (:func:`uses_gram`). With ``m ≤ n`` the smaller and the larger side, the direct form costs
     ``steps · (4m²n + 2m³)``; the Gram form ``(4 + 4·restarts)·m²n`` plus its ``m × m`` products
     (``12m²n + 22m³`` at 5 steps). Used to balance Newton–Schulz work across ranks and to report
     throughput."""

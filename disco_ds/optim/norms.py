@@ -228,6 +228,16 @@ class SpectralConv(MatrixNorm):
 Axis = Literal["row", "col", "all"]
 
 
+def sum_of_squares(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Sums of squares of ``x`` in fp32, along ``dim`` (``None``: over all entries). Along the
+    last dimension or over all entries it is one fused reduction (the square of the 2-norm: one
+    read of ``x``, no squared copy); along another dimension, where that reduction is slow on
+    the CPU, the square and the sum are separate."""
+    if dim is None or dim in (-1, x.dim() - 1):
+        return torch.linalg.vector_norm(x, 2, dim=dim, keepdim=keepdim, dtype=torch.float32).square_()
+    return x.float().square().sum(dim=dim, keepdim=keepdim)
+
+
 class SeparableNorm(Norm):
     """``lmo(g) = g · factor(s)``, ``s`` = sum of squares of ``g`` per row, per column or in all."""
 
@@ -235,12 +245,11 @@ class SeparableNorm(Norm):
 
     def sum_squares(self, g: torch.Tensor) -> torch.Tensor:
         """Per-slice sums of squares in fp32, shaped to broadcast against ``g``."""
-        g32 = g.float().square()
         if self.axis == "row":
-            return g32.sum(dim=-1, keepdim=True)
+            return sum_of_squares(g, -1, keepdim=True)
         if self.axis == "col":
-            return g32.sum(dim=-2, keepdim=True)
-        return g32.sum()
+            return sum_of_squares(g, -2, keepdim=True)
+        return sum_of_squares(g)
 
     def factor(self, sum_squares: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """The multiplier applied to ``g`` given its completed sums of squares."""

@@ -196,7 +196,9 @@ class Scion(torch.optim.Optimizer):
     # ---------------------------------------------------------------- the update
 
     def _direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Momentum update of SPEC 1.1; returns what the LMO is applied to."""
+        """Momentum update of SPEC 1.1; returns what the LMO is applied to. With Nesterov that is
+        ``p.grad`` itself, overwritten by the blend: after ``step()`` a parameter's ``.grad`` holds
+        the blend, not its gradient (every loop zeroes it before the next backward anyway)."""
         g = p.grad
         m = float(group["momentum"])
         if m == 1.0:
@@ -208,7 +210,10 @@ class Scion(torch.optim.Optimizer):
         # d ← (1 − m)·d + m·g as one lerp: one pass over the state instead of a mul and an add.
         d.lerp_(g, m)
         if group["nesterov"]:
-            return torch.lerp(d, g, m)
+            # The blend (1 − m)·d + m·g is written over the gradient, which the step consumes (as
+            # DeepSpeed's Muon does): no parameter-sized temporary, one pass instead of an
+            # allocation and a pass.
+            return torch.lerp(d, g, m, out=g)
         return d
 
     def _after_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
