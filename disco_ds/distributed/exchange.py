@@ -314,17 +314,29 @@ def _owner_peaks(layout: Layout, norm: MatrixNorm, rounds: list[RoundPlan], me: 
         received = (sum(f.numel for frags in _receives(step, me) for f in frags) if step.forward
                     else sum(f.numel for f in step.gathered_here))
         gathered = step.gather_numel
-        inputs = [(m, c if m in dict(step.gathered) else w) for m in step.mine]
-        blocked_in = sum(layout.numel(m) * item for m, item in inputs if m in layout.blocks)
-        ns_peak, out_all, out_kept = 0, 0, 0
+        at = dict(step.gathered)
         local_only = {f.member for f in step.kept}
-        for rows, cols, batch, item, ms in _ns_batches(layout, norm, inputs):
-            ns_peak = max(ns_peak, out_all + ns_transient_bytes(rows, cols, batch, norm.ns_steps, norm.ns_gram))
-            out = batch * rows * cols * (norm.update_dtype.itemsize if norm.update_dtype else item)
-            out_all += out
-            if local_only & set(ms):  # a batch's storage lives while any of its updates is kept
-                out_kept += out
-        blocked_out = sum(layout.numel(m) * item for m, item in inputs if m in layout.blocks)
+        out_all, out_kept = 0, 0
+
+        def newton_schulz(members: list[int]) -> tuple[int, int]:
+            """(peak above the outputs of earlier batches, input copies) of one ``lmo_many`` call;
+            adds its outputs to ``out_all`` / ``out_kept``."""
+            nonlocal out_all, out_kept
+            inputs = [(m, c if m in at else w) for m in members]
+            peak = 0
+            for rows, cols, batch, item, ms in _ns_batches(layout, norm, inputs):
+                peak = max(peak, out_all + ns_transient_bytes(rows, cols, batch, norm.ns_steps, norm.ns_gram))
+                out = batch * rows * cols * (norm.update_dtype.itemsize if norm.update_dtype else item)
+                out_all += out
+                if local_only & set(ms):  # a batch's storage lives while any of its updates is kept
+                    out_kept += out
+            return peak, sum(layout.numel(m) * item for m, item in inputs if m in layout.blocks)
+
+        early, late = _ns_phases(step, overlap)
+        early_peak, early_blocked = newton_schulz(early)  # while the round's forward travels
+        early_out = out_all
+        late_peak, late_blocked = newton_schulz(late)
+        blocked_out = sum(layout.numel(m) * (c if m in at else w) for m in step.mine if m in layout.blocks)
         if step.reverse == "all_gather":  # own padded share, then it and the gathered buffer
             length = max(step.owner_numel)
             total = len(step.owner_numel) * length
@@ -343,8 +355,10 @@ def _owner_peaks(layout: Layout, norm: MatrixNorm, rounds: list[RoundPlan], me: 
                     out_kept + (sent_back + got_back) * c]
             returned = out_kept + (got_back * c if step.reverse == "all_to_all" else 0)
         start = pack_peak if (k == 0 or not overlap) else in_flight
-        peaks.append(carried + max([start, received * c + next_pack, received * c + gathered * c + next_flight,
-                                    gathered * c + next_flight + ns_peak + blocked_in]
+        during_forward = (in_flight + early_peak + early_blocked) if early else 0
+        peaks.append(carried + max([start, during_forward, early_out + received * c + next_pack,
+                                    early_out + received * c + gathered * c + next_flight,
+                                    gathered * c + next_flight + late_peak + late_blocked]
                                    + [b + next_flight for b in back]))
         carried += returned
     return peaks
@@ -393,7 +407,9 @@ def matrix_plan(layout: Layout, norm: MatrixNorm, max_numel_per_rank: int, *, co
       finished batches' outputs (bf16, :attr:`~disco_ds.optim.norms.MatrixNorm.update_dtype`), each
       batch's :func:`~disco_ds.optim.newton_schulz.ns_transient_bytes` (bf16 working set, output
       included); inputs are the gather buffer (comm dtype) or a whole local fragment (work dtype,
-      no copy); column-blocked members add a copy of input and output;
+      no copy); column-blocked members add a copy of input and output. With overlap the owned
+      matrices held whole here come first, in their own call, beside the round's forward buffers
+      in flight; their outputs then live through the gather and the second call;
     * reverse: all outputs plus the buffer of shared updates ``U·c``; then the outputs nobody else
       holds (kept), ``U·c`` and the send buffer; send and receive buffers; then the received buffer
       alone (its views are the updates, in the wire dtype). Replicated layouts instead: the outputs
@@ -542,23 +558,36 @@ def _start_forward(layout: Layout, step: RoundPlan, index: RoundIndex | None, so
     return _Forward(send, recv, work)
 
 
-def _orthogonalise(layout: Layout, norm: MatrixNorm, step: RoundPlan, gather: torch.Tensor,
+def _orthogonalise(layout: Layout, norm: MatrixNorm, step: RoundPlan, members: list[int], gather: torch.Tensor | None,
                    directions: Mapping[Fragment, torch.Tensor], stats: ExchangeStats, member_keys: list[Any],
-                   on_gathered: Callable[[Any, torch.Tensor], None] | None, device: torch.device) -> list[torch.Tensor]:
-    """The LMO of every owned matrix of the round, in ``step.mine`` order, batched by shape: matrices
-    held whole in one local fragment are read in place, the others from the gather buffer."""
+                   on_gathered: Callable[[Any, torch.Tensor], None] | None, device: torch.device) -> dict[int, torch.Tensor]:
+    """The LMO of ``members`` (owned matrices of the round), batched by shape: matrices held whole
+    in one local fragment are read in place, the others from the gather buffer."""
+    if not members:
+        return {}
     at = dict(step.gathered)
     inputs = [layout.to_matrix(m, gather.narrow(0, at[m], layout.numel(m)) if m in at else directions[step.inplace[m]])
-              for m in step.mine]
+              for m in members]
     if on_gathered is not None:
-        for m, full in zip(step.mine, inputs):
+        for m, full in zip(members, inputs):
             on_gathered(member_keys[m], full)
     with stats.ns.region(device):
         owned = lmo_many(norm, inputs)
-    for m in step.mine:
+    for m in members:
         stats.per_member[member_keys[m]] = stats.per_member.get(member_keys[m], 0) + 1
-    stats.matrices_orthogonalized += len(step.mine)
-    return owned
+    stats.matrices_orthogonalized += len(members)
+    return dict(zip(members, owned))
+
+
+def _ns_phases(step: RoundPlan, overlap: bool) -> tuple[list[int], list[int]]:
+    """The owned matrices of a round orthogonalised before its forward is waited for, and after.
+    With ``overlap`` those held whole here need nothing from the forward and go first, while it
+    travels (a straggling peer then costs nothing until the gathered matrices are needed); without,
+    all of them in one batch after it."""
+    if not overlap:
+        return [], list(step.mine)
+    early = [m for m in step.mine if m in step.inplace]
+    return early, [m for m in step.mine if m not in step.inplace]
 
 
 def _pack_updates(layout: Layout, step: RoundPlan, owned: dict[int, torch.Tensor], total: int,
@@ -623,8 +652,9 @@ def _matrix_lmo(
     """Route matrix fragments to owners, orthogonalise there once, route update fragments back.
 
     Per round: one ``index_select`` packs the forward send buffer from this rank's directions, one
-    ``all_to_all_single`` moves it (with ``overlap``, round k+1's is started before round k is
-    orthogonalised and waited for when round k+1 begins), one ``index_select`` rebuilds the owned
+    ``all_to_all_single`` moves it (with ``overlap``: asynchronously, while the owned matrices held
+    whole here are orthogonalised, and round k+1's is started before round k's gathered matrices
+    are), one ``index_select`` rebuilds the owned
     matrices in a gather buffer of ``comm_dtype``, Newton–Schulz runs batched, one ``torch.cat``
     and one ``index_select`` pack the shared updates, and one ``all_to_all_single`` (replicated
     layouts: an all-gather or per-owner broadcasts) returns them; received updates are views of
@@ -654,16 +684,19 @@ def _matrix_lmo(
     pending = None
     for k, step in enumerate(rounds):
         stats.rounds += 1
+        early, late = _ns_phases(step, overlap)
         if pending is None:
-            pending = start(k, async_op=False)
+            pending = start(k, async_op=overlap)
+        owned = _orthogonalise(layout, norm, step, early, None, directions, stats, member_keys, on_gathered, device)
         received = pending.wait(stats)
-        # Round k+1's forward travels while round k is orthogonalised (it only reads the directions).
+        # Round k+1's forward travels while round k's gathered matrices are orthogonalised (it
+        # only reads the directions).
         pending = start(k + 1, async_op=True) if overlap and k + 1 < len(rounds) else None
         gather = (received.index_select(0, index[k].gather) if index is not None and step.gather_numel
                   else torch.empty(0, dtype=comm_dtype, device=device))
         del received
-        owned = dict(zip(step.mine, _orthogonalise(layout, norm, step, gather, directions, stats, member_keys,
-                                                   on_gathered, device)))
+        owned.update(_orthogonalise(layout, norm, step, late, gather, directions, stats, member_keys, on_gathered,
+                                    device))
         del gather
         if step.reverse in ("all_gather", "broadcast"):
             back = _reverse_replicated(layout, step, owned, comm_dtype, device, stats)
@@ -861,8 +894,10 @@ def distributed_lmo(
         device: the communication device, where buffers are built, collectives run and owners
             orthogonalise (``directions`` must live there); required when this rank holds no
             fragment, otherwise that of ``directions``.
-        overlap: start each round's forward collective while the previous round is
-            orthogonalised (same result, bit for bit; round k+1's buffers live during round k).
+        overlap: run each round's forward collective asynchronously: the owned matrices held
+            whole here are orthogonalised while it travels, and round k+1's travels while round
+            k's gathered matrices are (the same arithmetic per matrix, in two batches instead of
+            one; round k+1's buffers live during round k).
 
     Returns views, never converted (the caller adds them into its weights in their dtype): updates
     of matrices nobody else holds are the owner's results (bf16 from Newton–Schulz; the input's
