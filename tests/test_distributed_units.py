@@ -54,6 +54,47 @@ def test_separable_lmo_from_three_ranks_equals_whole_lmo(monkeypatch, norm, shap
     torch.testing.assert_close(got.view(shape), norm.lmo(t), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("norm,cuts,spans", [
+    (RowNorm(), [0, 15, 35], False),   # cut on a row boundary (ZeRO-1/2 partitions of an embedding)
+    (TokenRMS(), [0, 15, 35], False),
+    (RowNorm(), [0, 16, 35], True),    # row 3 on both ranks
+    (ColNorm(), [0, 15, 35], True),    # every column on both ranks
+    (VectorRMS(), [0, 15, 35], True),  # one whole-tensor sum
+])
+def test_separable_sums_are_reduced_only_where_a_slice_spans_ranks(monkeypatch, norm, cuts: list[int], spans: bool) -> None:
+    """The all_reduce of a separable LMO is skipped exactly when every summed slice lies on one
+    rank, and every rank's fragment of the LMO still equals the whole-matrix LMO."""
+    shape = (7, 5)
+    t = torch.randn(shape)
+    flat = t.reshape(-1)
+    fragments = [[Fragment(0, a, b - a, 0)] for a, b in zip(cuts, cuts[1:])]
+    partials: list[torch.Tensor] = []
+    monkeypatch.setattr(dist, "all_reduce", lambda s, group=None: partials.append(s.clone()))
+    runs = []
+    for rank in range(2):
+        layout = Layout(shapes=[shape], fragments=fragments, group=None, rank=rank)
+        stats = ExchangeStats()
+        directions = {f: flat[f.start : f.start + f.numel] for f in layout.local()}
+        runs.append(exchange._separable_lmo(layout, norm, [0], directions, stats, flat.device))
+        assert stats.all_reduce_calls == int(spans)
+    assert len(partials) == (2 if spans else 0)
+    if not spans:
+        got = torch.empty_like(flat)
+        for updates in runs:
+            for f, u in updates.items():
+                got[f.start : f.start + f.numel] = u
+        torch.testing.assert_close(got.view(shape), norm.lmo(t), atol=1e-6, rtol=1e-6)
+
+
+def test_separable_sums_of_column_blocked_rows_span_ranks() -> None:
+    """Tensor-parallel column blocks: each rank holds a block of every row, so row sums need the group."""
+    layout = Layout(shapes=[(4, 6)], fragments=[[Fragment(0, 0, 12, 0)], [Fragment(0, 12, 12, 0)]], group=None, rank=0,
+                    blocks={0: (3, 3)})
+    assert exchange.separable_sums_span_ranks(layout, RowNorm())
+    whole = Layout(shapes=[(4, 6), (2, 6)], fragments=[[Fragment(0, 0, 24, 0)], [Fragment(1, 0, 12, 0)]], group=None, rank=0)
+    assert not exchange.separable_sums_span_ranks(whole, RowNorm()) and not exchange.separable_sums_span_ranks(whole, ColNorm())
+
+
 def _layout(fragments: list[list[Fragment]], shapes: list[tuple[int, ...]], replicated: bool = False) -> Layout:
     return Layout(shapes=shapes, fragments=fragments, group=None, rank=0, replicated=replicated)
 
@@ -94,11 +135,12 @@ def test_rounds_bound_gathered_entries_per_owner() -> None:
 
 
 def test_a_rank_without_fragments_builds_its_buffers_on_the_given_device(monkeypatch) -> None:
-    """Rank 1 holds nothing of the matrix, yet enters the all_reduce: its buffer must be on the
-    communication device passed down (``meta`` here, to tell it from a host fallback)."""
+    """Rank 1 holds nothing of the matrix, yet enters the all_reduce (ranks 0 and 2 share row 2):
+    its buffer must be on the communication device passed down (``meta`` here, to tell it from a
+    host fallback)."""
     reduced: list[torch.Tensor] = []
     monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: reduced.append(t))
-    layout = Layout(shapes=[(4, 3)], fragments=[[Fragment(0, 0, 12, 0)], []], group=None, rank=1)
+    layout = Layout(shapes=[(4, 3)], fragments=[[Fragment(0, 0, 7, 0)], [], [Fragment(0, 7, 5, 0)]], group=None, rank=1)
     assert exchange._separable_lmo(layout, RowNorm(), [0], {}, ExchangeStats(), torch.device("meta")) == {}
     D.matrix_products(layout, [{}], [{}], transpose=False, stats=ExchangeStats(), device=torch.device("meta"))
     assert [t.device.type for t in reduced] == ["meta", "meta"]

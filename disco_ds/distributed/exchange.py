@@ -41,7 +41,7 @@ from disco_ds.optim.newton_schulz import ns_flops, ns_transient_bytes
 from disco_ds.optim.norms import ElementwiseNorm, MatrixNorm, Norm, SeparableNorm, lmo_many, sum_of_squares
 
 __all__ = ["matrix_cost", "assign_owners", "plan_rounds", "MatrixPlan", "RoundPlan", "RoundIndex", "matrix_plan",
-           "distributed_lmo", "matrix_products"]
+           "distributed_lmo", "matrix_products", "separable_sums_span_ranks"]
 
 
 def matrix_cost(norm: MatrixNorm, shape: tuple[int, ...]) -> int:
@@ -734,11 +734,47 @@ def _stat_shape(norm: SeparableNorm, shape: tuple[int, ...]) -> tuple[int, ...]:
     return ()
 
 
+def _rectangles(layout: Layout, norm: SeparableNorm, f: Fragment) -> list[tuple[int, int, int, int, int]]:
+    """A fragment of a separable member as rectangles ``(offset, row, rows, col, cols)`` of its
+    ``[rows, last dim]`` view; a whole-tensor norm sees one 1-row rectangle."""
+    if norm.axis == "all":
+        return [(0, 0, 1, 0, f.numel)]
+    return layout.pieces(f) if f.member in layout.blocks else row_pieces(f, layout.shapes[f.member][-1])
+
+
+def separable_sums_span_ranks(layout: Layout, norm: SeparableNorm) -> bool:
+    """Whether some slice a separable norm sums over (a row, a column, a whole tensor) has entries
+    on more than one rank, i.e. whether the sums need an ``all_reduce``. Under ZeRO-1/2 an
+    embedding or head partitioned on row boundaries needs none. From the layout alone, so every
+    rank reaches the same verdict; cached with the layout."""
+    if norm.axis not in layout.sums_span_ranks:
+        spans: dict[int, list[tuple[int, int, int]]] = {}
+        for r, frags in enumerate(layout.fragments):
+            for f in frags:
+                for _, row, rows, col, cols in _rectangles(layout, norm, f):
+                    lo, hi = (col, col + cols) if norm.axis == "col" else (row, row + rows)
+                    spans.setdefault(f.member, []).append((lo, hi, r))
+        shared = False
+        for intervals in spans.values():
+            reach, reached_by = -1, -1
+            for lo, hi, r in sorted(intervals):
+                if lo < reach and r != reached_by:
+                    shared = True
+                    break
+                if hi > reach:
+                    reach, reached_by = hi, r
+            if shared:
+                break
+        layout.sums_span_ranks[norm.axis] = shared
+    return layout.sums_span_ranks[norm.axis]
+
+
 def _separable_lmo(
     layout: Layout, norm: SeparableNorm, members: list[int], directions: Mapping[Fragment, torch.Tensor], stats: ExchangeStats,
     device: torch.device,
 ) -> dict[Fragment, torch.Tensor]:
-    """Sum squares per slice over local fragments, complete them with one all_reduce, rescale.
+    """Sum squares per slice over local fragments, complete them with one all_reduce (none when no
+    slice spans ranks), rescale.
 
     A fragment of a flattened ``[rows, cols]`` matrix is cut into rectangles (partial first row,
     whole rows, partial last row), so sums and rescaling are plain reductions over 2-D views."""
@@ -750,10 +786,7 @@ def _separable_lmo(
     sums = torch.zeros(total, dtype=torch.float32, device=device)
     local = [f for f in layout.local() if f.member in offsets]
     contributing = set(layout.contributes(layout.rank))
-    # Rectangles (offset, row, rows, col, cols); a whole-tensor norm sees one 1-row rectangle.
-    rects = {f: [(0, 0, 1, 0, f.numel)] if norm.axis == "all"
-             else layout.pieces(f) if f.member in layout.blocks else row_pieces(f, layout.shapes[f.member][-1])
-             for f in local}
+    rects = {f: _rectangles(layout, norm, f) for f in local}
 
     def slot(f: Fragment, row: int, rows: int, col: int, cols: int) -> slice:
         """Where a rectangle's statistics live in the member's stretch of ``sums``."""
@@ -771,7 +804,8 @@ def _separable_lmo(
         for o, row, rows, col, cols in rects[f]:
             piece = directions[f][o : o + rows * cols].view(rows, cols)
             sums[slot(f, row, rows, col, cols)] += sum_of_squares(piece, reduce_dim)
-    _sum_over_ranks(sums, layout, stats)
+    if separable_sums_span_ranks(layout, norm):
+        _sum_over_ranks(sums, layout, stats)
     factors = torch.empty_like(sums)
     for m in {f.member for f in local}:
         stretch = slice(offsets[m], offsets[m] + sizes[m])

@@ -78,6 +78,9 @@ class Layout:
     plans: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     """Exchange plans computed for this layout (:func:`disco_ds.distributed.exchange.matrix_plan`),
     kept with it so that a cached layout is never planned twice."""
+    sums_span_ranks: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Per separable-norm axis, whether some summed slice has entries on several ranks
+    (:func:`disco_ds.distributed.exchange.separable_sums_span_ranks`), computed once."""
     _whole: dict[int, list[int]] = field(init=False, repr=False)
     _copied: frozenset[int] = field(init=False, repr=False)
 

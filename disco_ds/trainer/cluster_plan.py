@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from disco_ds.distributed.exchange import RoundPlan, matrix_cost, matrix_plan
+from disco_ds.distributed.exchange import RoundPlan, matrix_cost, matrix_plan, separable_sums_span_ranks
 from disco_ds.distributed.layout import Fragment, Layout, shape_numel
 from disco_ds.distributed.tensor_parallel import TPSpec, partition_dim_of
 from disco_ds.optim.norms import MatrixNorm, Norm, SeparableNorm, make_norm
@@ -480,9 +480,11 @@ def representative_ranks(layouts: Sequence[PlannedLayout], max_numel_per_rank: i
 
 def _separable_bytes(planned: PlannedLayout, world: int) -> int:
     """Bytes one rank sends in the fp32 ring all-reduce that completes a row/column/tensor norm's
-    sums of squares (none when every rank holds every member whole)."""
+    sums of squares (none when every rank holds every member whole, or every summed slice lies on
+    one rank: the exchange then skips it)."""
     norm = planned.group.norm
-    if not isinstance(norm, SeparableNorm) or world == 1 or planned.layout.replicated:
+    if (not isinstance(norm, SeparableNorm) or world == 1 or planned.layout.replicated
+            or not separable_sums_span_ranks(planned.layout, norm)):
         return 0
     rows_cols = {"row": lambda s: shape_numel(s[:-1]), "col": lambda s: s[-1], "all": lambda s: 1}[norm.axis]
     stats = sum(max(1, rows_cols(s)) for s in planned.layout.shapes)
