@@ -55,7 +55,7 @@ under a direct-send model: all_to_all = the splits sent to other ranks; all_gath
 input; all_reduce = 2(W−1)/W × the tensor; reduce_scatter = (W−1)/W × the input.
 
 * ``opt MB``: the collectives the optimizer itself adds. Ours: everything inside ``Scion.step()``
-  (the all_to_all bytes equal ``opt.stats.bytes_sent``, checked); naive: its all-gather,
+  (the all_to_all bytes plus the norms' all_reduce buffers equal ``opt.stats.bytes_sent``, checked); naive: its all-gather,
   analytically W(W−1)·P·2 bytes for flat partitions of P elements; DeepSpeed Muon ZeRO-3: the
   collectives inside ``_apply_muon_to_accumulated_grads`` = all-gather of the gradient and
   momentum partitions (``_partitioned_buffers_all_gather``), then per round of W matrices an
@@ -240,8 +240,10 @@ def render(results: dict, args: argparse.Namespace, cfg: dict, meta: dict) -> st
             add(f"- ZeRO-{stage}, W={world}: {note}")
         o = r["optimizers"].get("ours", {})
         if "bytes_stats" in o and world > 1:
-            same = abs(o["bytes_stats"] - o["bytes_client_a2a"]) < 1
-            add(f"- ZeRO-{stage}, W={world}: ours all_to_all bytes {mb(o['bytes_client_a2a'])} MB "
+            # ExchangeStats counts an all_reduce as its buffer; the meter as a ring, 2(W−1)/W of it.
+            expected = o["bytes_client_a2a"] + o.get("bytes_client_all_reduce", 0.0) * world / (2 * (world - 1))
+            same = abs(o["bytes_stats"] - expected) < 1
+            add(f"- ZeRO-{stage}, W={world}: ours all_to_all bytes {mb(o['bytes_client_a2a'])} MB + norm all_reduce buffers "
                 f"{'==' if same else '!='} opt.stats.bytes_sent {mb(o['bytes_stats'])} MB; hidden matrices whole on one rank: "
                 f"{o.get('matrices_whole_on_one_rank')}, split across ranks: {o.get('matrices_split')}")
         d = r.get("ours_vs_naive_update_diff")

@@ -469,6 +469,7 @@ def iteration(e: dict, batch: torch.Tensor) -> dict:
         "bytes_step": METER.bytes.get("step", 0.0),
         "bytes_client": METER.bytes.get("client", 0.0),
         "bytes_client_a2a": METER.ops.get("client", {}).get("all_to_all_single", 0.0),
+        "bytes_client_all_reduce": METER.ops.get("client", {}).get("all_reduce", 0.0),
         "bytes_dsmuon": METER.bytes.get("dsmuon", 0.0),
         "bytes_stats": (e["opt"].stats.bytes_sent - bytes_before) if e["kind"] == "ours" else 0.0,
         "loss": float(loss.detach()),
@@ -488,8 +489,8 @@ def iteration(e: dict, batch: torch.Tensor) -> dict:
 
 TIME_KEYS = ("fb_raw", "ns_in_bwd", "fb", "step", "opt", "iter", "client", "client_cpu", "client_comm", "step_comm",
              "fb_cpu", "step_cpu", "opt_cpu")
-BYTE_KEYS = ("ns_calls", "bytes_fb", "bytes_step", "bytes_client", "bytes_client_a2a", "bytes_dsmuon", "bytes_stats", "bytes_iter",
-             "bytes_opt")
+BYTE_KEYS = ("ns_calls", "bytes_fb", "bytes_step", "bytes_client", "bytes_client_a2a", "bytes_client_all_reduce",
+             "bytes_dsmuon", "bytes_stats", "bytes_iter", "bytes_opt")
 
 
 def update_difference(a: dict, b: dict) -> dict:
