@@ -332,11 +332,14 @@ def _owner_peaks(layout: Layout, norm: MatrixNorm, rounds: list[RoundPlan], me: 
                     out_kept += out
             return peak, sum(layout.numel(m) * item for m, item in inputs if m in layout.blocks)
 
-        early, late = _ns_phases(step, overlap)
+        def blocked(members: list[int]) -> int:
+            return sum(layout.numel(m) * (c if m in at else w) for m in members if m in layout.blocks)
+
+        early, late, last = _ns_phases(step, overlap)
         early_peak, early_blocked = newton_schulz(early)  # while the round's forward travels
         early_out = out_all
         late_peak, late_blocked = newton_schulz(late)
-        blocked_out = sum(layout.numel(m) * (c if m in at else w) for m in step.mine if m in layout.blocks)
+        blocked_out = blocked(early + late)
         if step.reverse == "all_gather":  # own padded share, then it and the gathered buffer
             length = max(step.owner_numel)
             total = len(step.owner_numel) * length
@@ -353,6 +356,11 @@ def _owner_peaks(layout: Layout, norm: MatrixNorm, rounds: list[RoundPlan], me: 
             back = [out_all + blocked_out + shared * c,
                     out_kept + (shared + sent_back) * c,
                     out_kept + (sent_back + got_back) * c]
+            if last:  # while the reverse travels: the kept outputs so far, then this call's
+                out_all = out_kept
+                last_peak, last_blocked = newton_schulz(last)
+                back += [(sent_back + got_back) * c + last_peak + last_blocked,
+                         out_kept + (sent_back + got_back) * c + blocked(last)]
             returned = out_kept + (got_back * c if step.reverse == "all_to_all" else 0)
         start = pack_peak if (k == 0 or not overlap) else in_flight
         during_forward = (in_flight + early_peak + early_blocked) if early else 0
@@ -407,9 +415,11 @@ def matrix_plan(layout: Layout, norm: MatrixNorm, max_numel_per_rank: int, *, co
       finished batches' outputs (bf16, :attr:`~disco_ds.optim.norms.MatrixNorm.update_dtype`), each
       batch's :func:`~disco_ds.optim.newton_schulz.ns_transient_bytes` (bf16 working set, output
       included); inputs are the gather buffer (comm dtype) or a whole local fragment (work dtype,
-      no copy); column-blocked members add a copy of input and output. With overlap the owned
-      matrices held whole here come first, in their own call, beside the round's forward buffers
-      in flight; their outputs then live through the gather and the second call;
+      no copy); column-blocked members add a copy of input and output. With overlap (order in
+      :func:`_ns_phases`) the owned matrices held whole here whose updates others hold come first,
+      in their own call, beside the round's forward buffers in flight; their outputs then live
+      through the gather and the second call; those nobody else holds come in a third call,
+      beside the reverse's send and receive buffers and the kept outputs;
     * reverse: all outputs plus the buffer of shared updates ``U·c``; then the outputs nobody else
       holds (kept), ``U·c`` and the send buffer; send and receive buffers; then the received buffer
       alone (its views are the updates, in the wire dtype). Replicated layouts instead: the outputs
@@ -523,9 +533,10 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=layout.group, async_op=async_op)
 
 
-class _Forward:
-    """Round k's forward in flight: the packed send buffer, the receive buffer, and the collective's
-    handle (None when it ran synchronously or there was nothing to move)."""
+class _InFlight:
+    """An all-to-all of a round in flight (its forward, or with overlap its reverse): the packed
+    send buffer, the receive buffer, and the collective's handle (None when it ran synchronously
+    or there was nothing to move)."""
 
     def __init__(self, send: torch.Tensor, recv: torch.Tensor, work: Any) -> None:
         self.send, self.recv, self.work = send, recv, work
@@ -540,7 +551,7 @@ class _Forward:
 
 
 def _start_forward(layout: Layout, step: RoundPlan, index: RoundIndex | None, source: torch.Tensor | None,
-                   comm_dtype: torch.dtype, device: torch.device, stats: ExchangeStats, async_op: bool) -> _Forward:
+                   comm_dtype: torch.dtype, device: torch.device, stats: ExchangeStats, async_op: bool) -> _InFlight:
     """Pack this rank's fragments of routed matrices (its own chunk included) with one
     ``index_select`` and start their ``all_to_all_single``."""
     me = layout.rank
@@ -550,12 +561,12 @@ def _start_forward(layout: Layout, step: RoundPlan, index: RoundIndex | None, so
         send = source.index_select(0, index.send).to(comm_dtype)  # a no-op conversion when the dtypes agree
     if not step.forward:
         # Nothing crosses the network in this round: this rank's own chunk is everything it receives.
-        return _Forward(send, send, None)
+        return _InFlight(send, send, None)
     in_splits = [sum(f.numel for f in (step.gathered_here if r == me else frags)) for r, frags in enumerate(step.to_owners)]
     out_splits = [sum(f.numel for f in frags) for frags in _receives(step, me)]
     recv = torch.empty(sum(out_splits), dtype=comm_dtype, device=device)
     work = _all_to_all(recv, send, out_splits, in_splits, layout, stats, async_op=async_op)
-    return _Forward(send, recv, work)
+    return _InFlight(send, recv, work)
 
 
 def _orthogonalise(layout: Layout, norm: MatrixNorm, step: RoundPlan, members: list[int], gather: torch.Tensor | None,
@@ -579,15 +590,24 @@ def _orthogonalise(layout: Layout, norm: MatrixNorm, step: RoundPlan, members: l
     return dict(zip(members, owned))
 
 
-def _ns_phases(step: RoundPlan, overlap: bool) -> tuple[list[int], list[int]]:
-    """The owned matrices of a round orthogonalised before its forward is waited for, and after.
-    With ``overlap`` those held whole here need nothing from the forward and go first, while it
-    travels (a straggling peer then costs nothing until the gathered matrices are needed); without,
-    all of them in one batch after it."""
+def _ns_phases(step: RoundPlan, overlap: bool) -> tuple[list[int], list[int], list[int]]:
+    """The owned matrices of a round in the order they are orthogonalised: while its forward
+    travels, after it arrives, and while the updates travel back.
+
+    With ``overlap``: the matrices held whole here need nothing from the forward. Those whose
+    updates other ranks wait for go first, while the forward travels; the gathered ones follow,
+    and their updates leave at once; the ones nobody else holds come last, while the reverse
+    all-to-all travels (with no such reverse, right at the start). A peer that straggles, or waits
+    for an update, then costs nothing until it must. Without ``overlap``: all in one batch after
+    the forward."""
     if not overlap:
-        return [], list(step.mine)
-    early = [m for m in step.mine if m in step.inplace]
-    return early, [m for m in step.mine if m not in step.inplace]
+        return [], list(step.mine), []
+    shared = {m for m, _ in step.shared}
+    whole = [m for m in step.mine if m in step.inplace]
+    gathered = [m for m in step.mine if m not in step.inplace]
+    if step.reverse != "all_to_all":
+        return whole, gathered, []
+    return [m for m in whole if m in shared], gathered, [m for m in whole if m not in shared]
 
 
 def _pack_updates(layout: Layout, step: RoundPlan, owned: dict[int, torch.Tensor], total: int,
@@ -652,11 +672,12 @@ def _matrix_lmo(
     """Route matrix fragments to owners, orthogonalise there once, route update fragments back.
 
     Per round: one ``index_select`` packs the forward send buffer from this rank's directions, one
-    ``all_to_all_single`` moves it (with ``overlap``: asynchronously, while the owned matrices held
+    ``all_to_all_single`` moves it (with ``overlap``: asynchronously, while owned matrices held
     whole here are orthogonalised, and round k+1's is started before round k's gathered matrices
     are), one ``index_select`` rebuilds the owned
     matrices in a gather buffer of ``comm_dtype``, Newton–Schulz runs batched, one ``torch.cat``
-    and one ``index_select`` pack the shared updates, and one ``all_to_all_single`` (replicated
+    and one ``index_select`` pack the shared updates, and one ``all_to_all_single`` (with
+    ``overlap``, in flight while the matrices nobody else holds are orthogonalised; replicated
     layouts: an all-gather or per-owner broadcasts) returns them; received updates are views of
     one buffer in ``comm_dtype``.
     """
@@ -677,14 +698,14 @@ def _matrix_lmo(
         local = [directions[f] for f in layout.local()]
         source = torch.cat(local) if local else torch.empty(0, dtype=work_dtype, device=device)
 
-    def start(k: int, async_op: bool) -> _Forward:
+    def start(k: int, async_op: bool) -> _InFlight:
         return _start_forward(layout, rounds[k], index[k] if index is not None else None, source, comm_dtype, device,
                               stats, async_op)
 
     pending = None
     for k, step in enumerate(rounds):
         stats.rounds += 1
-        early, late = _ns_phases(step, overlap)
+        early, late, last = _ns_phases(step, overlap)
         if pending is None:
             pending = start(k, async_op=overlap)
         owned = _orthogonalise(layout, norm, step, early, None, directions, stats, member_keys, on_gathered, device)
@@ -703,9 +724,8 @@ def _matrix_lmo(
             for f, pos in step.received_at:
                 updates[f] = back.narrow(0, pos, f.numel)
             continue
-        for f in step.kept:  # nobody else holds these: views of the result, full precision
-            updates[f] = layout.from_matrix(f.member, owned[f.member]).narrow(0, f.start, f.numel)
         if step.reverse == "none":
+            _keep(layout, step, owned, updates)
             continue
         shared = _pack_updates(layout, step, owned, step.shared_numel, comm_dtype, device)
         for m, _ in step.shared:
@@ -716,13 +736,23 @@ def _matrix_lmo(
         in_splits = [sum(f.numel for f in (step.returned_here if r == me else frags)) for r, frags in enumerate(step.to_holders)]
         out_splits = [sum(f.numel for f in (step.returned_here if r == me else frags)) for r, frags in enumerate(step.from_owners)]
         recv = torch.empty(sum(out_splits), dtype=comm_dtype, device=device)
-        _all_to_all(recv, send, out_splits, in_splits, layout, stats)
-        del send
-        back = recv  # the updates stay in the wire dtype: the caller adds them into its weights
-        del recv
+        returning = _InFlight(send, recv, _all_to_all(recv, send, out_splits, in_splits, layout, stats, async_op=overlap))
+        del send, recv
+        # The matrices nobody else holds are orthogonalised while the shared updates travel.
+        owned.update(_orthogonalise(layout, norm, step, last, None, directions, stats, member_keys, on_gathered,
+                                    device))
+        _keep(layout, step, owned, updates)
+        back = returning.wait(stats)  # the updates stay in the wire dtype: the caller adds them into its weights
         for f, pos in step.received_at:
             updates[f] = back.narrow(0, pos, f.numel)
     return updates
+
+
+def _keep(layout: Layout, step: RoundPlan, owned: dict[int, torch.Tensor], updates: dict[Fragment, torch.Tensor]) -> None:
+    """The updates of this rank's fragments nobody else holds: views of the owner's results, in
+    their full precision."""
+    for f in step.kept:
+        updates[f] = layout.from_matrix(f.member, owned[f.member]).narrow(0, f.start, f.numel)
 
 
 def _stat_shape(norm: SeparableNorm, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -928,10 +958,11 @@ def distributed_lmo(
         device: the communication device, where buffers are built, collectives run and owners
             orthogonalise (``directions`` must live there); required when this rank holds no
             fragment, otherwise that of ``directions``.
-        overlap: run each round's forward collective asynchronously: the owned matrices held
-            whole here are orthogonalised while it travels, and round k+1's travels while round
-            k's gathered matrices are (the same arithmetic per matrix, in two batches instead of
-            one; round k+1's buffers live during round k).
+        overlap: run each round's collectives asynchronously (:func:`_ns_phases`): the owned
+            matrices held whole here are orthogonalised while the forward travels or, where
+            nobody else holds them, while the gathered matrices' updates travel back; round k+1's
+            forward travels while round k's gathered matrices are orthogonalised (the same
+            arithmetic per matrix, in up to three batches instead of one; more buffers live at once).
 
     Returns views, never converted (the caller adds them into its weights in their dtype): updates
     of matrices nobody else holds are the owner's results (bf16 from Newton–Schulz; the input's
