@@ -318,22 +318,22 @@ def _owner_peaks(layout: Layout, norm: MatrixNorm, rounds: list[RoundPlan], me: 
         local_only = {f.member for f in step.kept}
         out_all, out_kept = 0, 0
 
+        def blocked(members: list[int]) -> int:
+            """Bytes of the copies that column-blocked members' inputs (or outputs) need."""
+            return sum(layout.numel(m) * (c if m in at else w) for m in members if m in layout.blocks)
+
         def newton_schulz(members: list[int]) -> tuple[int, int]:
             """(peak above the outputs of earlier batches, input copies) of one ``lmo_many`` call;
             adds its outputs to ``out_all`` / ``out_kept``."""
             nonlocal out_all, out_kept
-            inputs = [(m, c if m in at else w) for m in members]
             peak = 0
-            for rows, cols, batch, item, ms in _ns_batches(layout, norm, inputs):
+            for rows, cols, batch, item, ms in _ns_batches(layout, norm, [(m, c if m in at else w) for m in members]):
                 peak = max(peak, out_all + ns_transient_bytes(rows, cols, batch, norm.ns_steps, norm.ns_gram))
                 out = batch * rows * cols * (norm.update_dtype.itemsize if norm.update_dtype else item)
                 out_all += out
                 if local_only & set(ms):  # a batch's storage lives while any of its updates is kept
                     out_kept += out
-            return peak, sum(layout.numel(m) * item for m, item in inputs if m in layout.blocks)
-
-        def blocked(members: list[int]) -> int:
-            return sum(layout.numel(m) * (c if m in at else w) for m in members if m in layout.blocks)
+            return peak, blocked(members)
 
         early, late, last = _ns_phases(step, overlap)
         early_peak, early_blocked = newton_schulz(early)  # while the round's forward travels
@@ -784,19 +784,21 @@ def separable_sums_span_ranks(layout: Layout, norm: SeparableNorm) -> bool:
                 for _, row, rows, col, cols in _rectangles(layout, norm, f):
                     lo, hi = (col, col + cols) if norm.axis == "col" else (row, row + rows)
                     spans.setdefault(f.member, []).append((lo, hi, r))
-        shared = False
-        for intervals in spans.values():
-            reach, reached_by = -1, -1
-            for lo, hi, r in sorted(intervals):
-                if lo < reach and r != reached_by:
-                    shared = True
-                    break
-                if hi > reach:
-                    reach, reached_by = hi, r
-            if shared:
-                break
-        layout.sums_span_ranks[norm.axis] = shared
+        layout.sums_span_ranks[norm.axis] = any(_overlap_across_ranks(intervals) for intervals in spans.values())
     return layout.sums_span_ranks[norm.axis]
+
+
+def _overlap_across_ranks(intervals: list[tuple[int, int, int]]) -> bool:
+    """Whether two half-open intervals ``(lo, hi, rank)`` of different ranks overlap: a sweep in
+    order of ``lo`` that keeps the interval reaching furthest so far (if two earlier intervals of
+    different ranks both covered a point, the later of them would already have been caught)."""
+    reach, reached_by = -1, -1
+    for lo, hi, r in sorted(intervals):
+        if lo < reach and r != reached_by:
+            return True
+        if hi > reach:
+            reach, reached_by = hi, r
+    return False
 
 
 def _separable_lmo(
